@@ -1,0 +1,2 @@
+pub mod crdgen;
+pub mod validate;

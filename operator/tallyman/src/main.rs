@@ -1,0 +1,38 @@
+//! `tallyman`: one binary, one subcommand per part.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// tallyman keeps warehouse events and financial records in step.
+#[derive(Parser)]
+#[command(name = "tallyman", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (or write one file per CRD).
+    Crdgen(cmd::crdgen::Args),
+    /// Check manifests as the API server and tallyman would, before anything runs.
+    Validate(cmd::validate::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crdgen(args) => cmd::crdgen::run(args),
+        Command::Validate(args) => cmd::validate::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
