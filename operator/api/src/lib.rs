@@ -7,8 +7,8 @@
 
 pub mod v1alpha1;
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// The API group of every tallyman resource.
 pub const GROUP: &str = "tallyman.dev";

@@ -139,7 +139,11 @@ fn document_start_lines(text: &str) -> Vec<usize> {
             } else {
                 starts.push(n + 2);
             }
-        } else if starts.len() == 1 && !first_has_content && !line.is_empty() && !line.starts_with('#') {
+        } else if starts.len() == 1
+            && !first_has_content
+            && !line.is_empty()
+            && !line.starts_with('#')
+        {
             starts[0] = n + 1;
             first_has_content = true;
         }

@@ -40,7 +40,10 @@ pub fn markdown(crds: &[CustomResourceDefinition]) -> String {
                 .join(", ")
         );
         if let Some(cols) = &version.additional_printer_columns {
-            let cols: Vec<String> = cols.iter().map(|c| format!("{} (`{}`)", c.name, c.json_path)).collect();
+            let cols: Vec<String> = cols
+                .iter()
+                .map(|c| format!("{} (`{}`)", c.name, c.json_path))
+                .collect();
             let _ = writeln!(out, "- columns: {}", cols.join(", "));
         }
         for section in ["spec", "status"] {
@@ -56,7 +59,9 @@ pub fn markdown(crds: &[CustomResourceDefinition]) -> String {
 }
 
 fn fields(out: &mut String, path: &str, schema: &Value) {
-    let Some(props) = schema.get("properties").and_then(Value::as_object) else { return };
+    let Some(props) = schema.get("properties").and_then(Value::as_object) else {
+        return;
+    };
     let required: Vec<&str> = schema
         .get("required")
         .and_then(Value::as_array)
@@ -68,7 +73,10 @@ fn fields(out: &mut String, path: &str, schema: &Value) {
         if required.contains(&name.as_str()) {
             ty.push_str(", required");
         }
-        let default = prop.get("default").map(|d| format!("`{d}`")).unwrap_or_default();
+        let default = prop
+            .get("default")
+            .map(|d| format!("`{d}`"))
+            .unwrap_or_default();
         let mut desc = prop
             .get("description")
             .and_then(Value::as_str)
@@ -105,7 +113,10 @@ fn type_of(s: &Value) -> String {
         return "int or string".into();
     }
     let mut ty = match s.get("type").and_then(Value::as_str) {
-        Some("array") => format!("list of {}", s.get("items").map(type_of).unwrap_or_default()),
+        Some("array") => format!(
+            "list of {}",
+            s.get("items").map(type_of).unwrap_or_default()
+        ),
         Some("object") => match s.get("additionalProperties").filter(|v| v.is_object()) {
             Some(v) => format!("map of {}", type_of(v)),
             None => "object".into(),
@@ -114,7 +125,11 @@ fn type_of(s: &Value) -> String {
         None => "any".into(),
     };
     if let Some(e) = s.get("enum").and_then(Value::as_array) {
-        let vals: Vec<String> = e.iter().filter_map(Value::as_str).map(|v| format!("`{v}`")).collect();
+        let vals: Vec<String> = e
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|v| format!("`{v}`"))
+            .collect();
         let _ = write!(ty, " (one of {})", vals.join(", "));
     }
     if let Some(p) = s.get("pattern").and_then(Value::as_str) {

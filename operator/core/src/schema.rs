@@ -33,7 +33,10 @@ pub fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldEr
     }
     if flag(schema, "x-kubernetes-int-or-string") {
         if !(value.is_i64() || value.is_u64() || value.is_string()) {
-            err(format!("must be an integer or a string, got {}", describe(value)));
+            err(format!(
+                "must be an integer or a string, got {}",
+                describe(value)
+            ));
         }
         return;
     }
@@ -81,7 +84,12 @@ pub fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldEr
     }
 }
 
-fn check_object(schema: &Value, map: &Map<String, Value>, path: &str, errors: &mut Vec<FieldError>) {
+fn check_object(
+    schema: &Value,
+    map: &Map<String, Value>,
+    path: &str,
+    errors: &mut Vec<FieldError>,
+) {
     check_bounds(schema, "Properties", map.len(), "entries", &mut |message| {
         errors.push(FieldError {
             path: path.to_string(),
@@ -135,7 +143,9 @@ fn check_string(schema: &Value, s: &str, err: &mut impl FnMut(String)) {
         }
     }
     if schema.get("format").and_then(Value::as_str) == Some("date-time") && !is_rfc3339(s) {
-        err(format!("{s:?} is not an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z"));
+        err(format!(
+            "{s:?} is not an RFC 3339 date-time, e.g. 2026-01-31T12:00:00Z"
+        ));
     }
 }
 
@@ -195,12 +205,19 @@ fn check_list_keys(schema: &Value, items: &[Value], path: &str, errors: &mut Vec
                 .unwrap_or_default();
             let mut seen: HashMap<Vec<&Value>, usize> = HashMap::new();
             for (i, item) in items.iter().enumerate() {
-                let key: Vec<&Value> = keys.iter().map(|k| item.get(*k).unwrap_or(&Value::Null)).collect();
+                let key: Vec<&Value> = keys
+                    .iter()
+                    .map(|k| item.get(*k).unwrap_or(&Value::Null))
+                    .collect();
                 if key.iter().any(|v| v.is_null()) {
                     continue;
                 }
                 if let Some(first) = seen.get(&key) {
-                    let shown: Vec<String> = keys.iter().zip(&key).map(|(k, v)| format!("{k} {v}")).collect();
+                    let shown: Vec<String> = keys
+                        .iter()
+                        .zip(&key)
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect();
                     errors.push(FieldError {
                         path: format!("{path}[{i}].{}", keys.join(",")),
                         message: format!(
@@ -233,7 +250,9 @@ fn pattern_hint(pattern: &str) -> Option<&'static str> {
     if pattern == DURATION_PATTERN {
         Some("a duration; use e.g. 30s, 5m, 1h30m, 250ms")
     } else if pattern == STEP_NAME_PATTERN {
-        Some("a DNS label; use lowercase letters, digits and '-', starting and ending with a letter or digit, e.g. create-invoice")
+        Some(
+            "a DNS label; use lowercase letters, digits and '-', starting and ending with a letter or digit, e.g. create-invoice",
+        )
     } else if pattern.starts_with(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.") {
         Some("an event type; use dot-separated lowercase words, e.g. shipment.confirmed")
     } else if pattern == "^[A-Z][A-Za-z0-9]*$" {
@@ -280,7 +299,8 @@ pub fn describe(value: &Value) -> &'static str {
 fn is_rfc3339(s: &str) -> bool {
     static RE: OnceLock<Regex> = OnceLock::new();
     RE.get_or_init(|| {
-        Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$").expect("valid regex")
+        Regex::new(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
+            .expect("valid regex")
     })
     .is_match(s)
 }
@@ -316,7 +336,11 @@ mod tests {
         assert_eq!(paths, ["spec.a", "spec.b", "spec.c"]);
         assert!(errs[0].message.contains("must be an integer, got a string"));
         assert!(errs[1].message.contains(r#"accepted: "x", "y""#));
-        assert!(errs[2].message.contains("unknown field \"c\"; accepted: a, b"));
+        assert!(
+            errs[2]
+                .message
+                .contains("unknown field \"c\"; accepted: a, b")
+        );
         let errs = errors(schema, json!({}));
         assert_eq!(errs[0].path, "spec.a");
         assert_eq!(errs[0].message, "required field is missing");
@@ -335,7 +359,16 @@ mod tests {
             json!({"m": {"k": "x"}, "l": [{"name": "a"}, {"name": "a"}, {"name": "B"}], "n": 0}),
         );
         let paths: Vec<_> = errs.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["spec.l", "spec.l[2].name", "spec.l[1].name", "spec.m[k]", "spec.n"]);
+        assert_eq!(
+            paths,
+            [
+                "spec.l",
+                "spec.l[2].name",
+                "spec.l[1].name",
+                "spec.m[k]",
+                "spec.n"
+            ]
+        );
         assert!(errs[0].message.contains("at most 2"));
         assert!(errs[2].message.contains("already used by spec.l[0]"));
     }

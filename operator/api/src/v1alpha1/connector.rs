@@ -21,9 +21,21 @@ use super::common::{Conditions, Duration, Expression, SecretKeyRef, conditions_s
     category = "tallyman",
     doc = "A Connector describes one external system (ERP, WMS, TMS, eCommerce, payments, ...): the REST actions tallyman may call and the webhooks it accepts.",
     printcolumn(name = "System", type_ = "string", json_path = ".spec.system"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reachable", type_ = "string", json_path = ".status.conditions[?(@.type==\"Reachable\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reachable",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Reachable\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("has(self.rest) || has(self.webhook)").message("a Connector needs rest, webhook or both"))]
 #[serde(rename_all = "camelCase")]

@@ -28,7 +28,11 @@ use super::policy::Approvers;
     printcolumn(name = "Reason", type_ = "string", json_path = ".spec.reason"),
     printcolumn(name = "Amount", type_ = "string", json_path = ".spec.facts.amount"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(validation = Rule::new("self.workflow == oldSelf.workflow && self.key == oldSelf.key && self.revision == oldSelf.revision && self.reason == oldSelf.reason && self.facts == oldSelf.facts && self.initiator == oldSelf.initiator && self.policy == oldSelf.policy && self.rule == oldSelf.rule && self.required == oldSelf.required && self.segregationOfDuties == oldSelf.segregationOfDuties && has(self.deadline) == has(oldSelf.deadline) && (!has(self.deadline) || self.deadline == oldSelf.deadline)").message("only spec.decisions may change; the rest of the case is written once by the worker"))]
 #[serde(rename_all = "camelCase")]

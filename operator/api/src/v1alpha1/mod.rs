@@ -7,6 +7,10 @@
 //!             │        └── worker opens ──▶ ExceptionCase ◀── approvers append decisions
 //! ```
 
+// `printcolumn(...)` repeats `type_ = ...` by design; clippy reads the
+// derive's attribute arguments as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod common;
 mod connector;
 mod exception_case;

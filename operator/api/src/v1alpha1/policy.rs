@@ -18,8 +18,16 @@ use super::common::{Conditions, Duration, Expression, conditions_schema};
     shortname = "ap",
     category = "tallyman",
     doc = "An ApprovalPolicy decides who may let an exception through: ordered rules over the case's facts, segregation of duties and expiry.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalPolicySpec {
@@ -42,7 +50,10 @@ pub struct ApprovalPolicySpec {
 #[x_kube(validation = Rule::new("self.decide == 'RequireApproval' || !has(self.approvers)").message("approvers is only allowed when decide is RequireApproval"))]
 pub struct PolicyRule {
     /// Unique within the policy; recorded on the case.
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// CEL (bool) over `facts`, `reason`, `workflow` and `initiator`.
     #[schemars(length(min = 1))]

@@ -24,11 +24,27 @@ pub const STEP_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     shortname = "wf",
     category = "tallyman",
     doc = "A Workflow is one process across systems: trigger events correlated into instances by a key, and the steps every instance runs.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Revision", type_ = "string", json_path = ".status.revision"),
-    printcolumn(name = "Running", type_ = "integer", json_path = ".status.instances.running"),
-    printcolumn(name = "Exceptions", type_ = "integer", json_path = ".status.instances.exceptions"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Running",
+        type_ = "integer",
+        json_path = ".status.instances.running"
+    ),
+    printcolumn(
+        name = "Exceptions",
+        type_ = "integer",
+        json_path = ".status.instances.exceptions"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct WorkflowSpec {
@@ -256,7 +272,10 @@ pub struct ApprovalStep {
 pub struct EmitStep {
     /// Event type.
     #[serde(rename = "type")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+    )]
     pub type_: String,
     /// CEL producing the event's `data`. Omitted: `{"key": key}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

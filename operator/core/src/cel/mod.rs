@@ -39,28 +39,131 @@ impl Scope {
 
 /// The finance library, the same in every expression (DESIGN.md, "Money is
 /// never a float").
-pub const FINANCE_FUNCTIONS: &[&str] = &["decimal", "sum", "round", "roundHalfUp", "abs", "pct", "within"];
+pub const FINANCE_FUNCTIONS: &[&str] = &[
+    "decimal",
+    "sum",
+    "round",
+    "roundHalfUp",
+    "abs",
+    "pct",
+    "within",
+];
 
 /// Functions of standard CEL and of the Kubernetes CEL libraries.
 const STANDARD_FUNCTIONS: &[&str] = &[
     // cel-spec standard definitions and macros
-    "size", "has", "all", "exists", "exists_one", "map", "filter", "contains", "startsWith",
-    "endsWith", "matches", "string", "bytes", "double", "int", "uint", "bool", "type", "dyn",
-    "timestamp", "duration", "getFullYear", "getMonth", "getDayOfYear", "getDayOfMonth",
-    "getDate", "getDayOfWeek", "getHours", "getMinutes", "getSeconds", "getMilliseconds",
-    "max", "min", "optional.none", "optional.of", "optional.ofNonZeroValue", "value",
-    "hasValue", "or", "orValue",
+    "size",
+    "has",
+    "all",
+    "exists",
+    "exists_one",
+    "map",
+    "filter",
+    "contains",
+    "startsWith",
+    "endsWith",
+    "matches",
+    "string",
+    "bytes",
+    "double",
+    "int",
+    "uint",
+    "bool",
+    "type",
+    "dyn",
+    "timestamp",
+    "duration",
+    "getFullYear",
+    "getMonth",
+    "getDayOfYear",
+    "getDayOfMonth",
+    "getDate",
+    "getDayOfWeek",
+    "getHours",
+    "getMinutes",
+    "getSeconds",
+    "getMilliseconds",
+    "max",
+    "min",
+    "optional.none",
+    "optional.of",
+    "optional.ofNonZeroValue",
+    "value",
+    "hasValue",
+    "or",
+    "orValue",
     // Kubernetes libraries (strings, lists, sets, regex, urls, quantity, math, format, ...)
-    "asApproximateFloat", "asInteger", "base64.decode", "base64.encode", "charAt", "cidr",
-    "compareTo", "containsCIDR", "containsIP", "distinct", "family", "find", "findAll", "first",
-    "flatten", "format", "indexOf", "ip", "isCIDR", "isGreaterThan", "isIP", "isInteger",
-    "isLessThan", "isQuantity", "isSemver", "isSorted", "isURL", "join", "last", "lastIndexOf",
-    "lists.range", "lowerAscii", "math.abs", "math.ceil", "math.floor", "math.greatest",
-    "math.least", "math.round", "math.sign", "math.sqrt", "math.trunc", "quantity", "replace",
-    "reverse", "semver", "sets.contains", "sets.equivalent", "sets.intersects", "slice", "sort",
-    "split", "strings.quote", "substring", "trim", "upperAscii", "url", "getScheme", "getHost",
-    "getHostname", "getPort", "getEscapedPath", "getQuery", "add", "sub", "sign", "isInf",
-    "isNaN", "isFinite", "major", "minor", "patch",
+    "asApproximateFloat",
+    "asInteger",
+    "base64.decode",
+    "base64.encode",
+    "charAt",
+    "cidr",
+    "compareTo",
+    "containsCIDR",
+    "containsIP",
+    "distinct",
+    "family",
+    "find",
+    "findAll",
+    "first",
+    "flatten",
+    "format",
+    "indexOf",
+    "ip",
+    "isCIDR",
+    "isGreaterThan",
+    "isIP",
+    "isInteger",
+    "isLessThan",
+    "isQuantity",
+    "isSemver",
+    "isSorted",
+    "isURL",
+    "join",
+    "last",
+    "lastIndexOf",
+    "lists.range",
+    "lowerAscii",
+    "math.abs",
+    "math.ceil",
+    "math.floor",
+    "math.greatest",
+    "math.least",
+    "math.round",
+    "math.sign",
+    "math.sqrt",
+    "math.trunc",
+    "quantity",
+    "replace",
+    "reverse",
+    "semver",
+    "sets.contains",
+    "sets.equivalent",
+    "sets.intersects",
+    "slice",
+    "sort",
+    "split",
+    "strings.quote",
+    "substring",
+    "trim",
+    "upperAscii",
+    "url",
+    "getScheme",
+    "getHost",
+    "getHostname",
+    "getPort",
+    "getEscapedPath",
+    "getQuery",
+    "add",
+    "sub",
+    "sign",
+    "isInf",
+    "isNaN",
+    "isFinite",
+    "major",
+    "minor",
+    "patch",
 ];
 
 /// What an expression refers to, beyond what its syntax says.
@@ -95,7 +198,11 @@ pub fn compile(source: &str, scope: Scope) -> Result<(Program, References), Expr
         return Err(ExpressionError("the expression is empty".into()));
     }
     let program = Program::compile(source).map_err(|e| {
-        let detail = e.errors.first().map(|e| e.msg.clone()).unwrap_or_else(|| e.to_string());
+        let detail = e
+            .errors
+            .first()
+            .map(|e| e.msg.clone())
+            .unwrap_or_else(|| e.to_string());
         ExpressionError(format!("CEL does not compile: {}", detail.trim()))
     })?;
     let mut refs = References::default();
@@ -233,7 +340,10 @@ mod tests {
             "events['shipment.confirmed'].data.lines.all(l, steps.order.response.body.lines.exists(o, o.sku == l.sku))",
             Scope::Step,
         );
-        assert_eq!(r.variables, BTreeSet::from(["events".into(), "steps".into()]));
+        assert_eq!(
+            r.variables,
+            BTreeSet::from(["events".into(), "steps".into()])
+        );
         assert_eq!(r.steps, BTreeSet::from(["order".into()]));
         assert_eq!(r.events, BTreeSet::from(["shipment.confirmed".into()]));
     }
@@ -256,6 +366,10 @@ mod tests {
             Scope::Policy,
         )
         .unwrap();
-        compile("[1, 2].map(x, x * 2).sum() == 6 && has(vars.total)", Scope::Step).unwrap();
+        compile(
+            "[1, 2].map(x, x * 2).sum() == 6 && has(vars.total)",
+            Scope::Step,
+        )
+        .unwrap();
     }
 }

@@ -39,7 +39,9 @@ pub enum Object {
     ApprovalPolicy(Box<ApprovalPolicy>),
     ExceptionCase(Box<ExceptionCase>),
     /// A core/v1 Secret: only its keys matter here, never its values.
-    Secret { keys: BTreeSet<String> },
+    Secret {
+        keys: BTreeSet<String>,
+    },
 }
 
 impl Object {
@@ -56,7 +58,12 @@ impl Object {
 
 impl Resource {
     /// A diagnostic about this resource at `path`.
-    pub fn diagnostic(&self, severity: Severity, path: impl Into<String>, message: impl Into<String>) -> Diagnostic {
+    pub fn diagnostic(
+        &self,
+        severity: Severity,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Diagnostic {
         Diagnostic {
             severity,
             file: self.origin.file.display().to_string(),
@@ -105,7 +112,11 @@ impl Checker {
                     .map(|s| serde_json::to_value(s).expect("CRD schema serializes"))
                     .expect("every tallyman CRD has a schema");
                 let compiled = kube_cel::compile_schema(&schema);
-                KindSchema { kind, schema, compiled }
+                KindSchema {
+                    kind,
+                    schema,
+                    compiled,
+                }
             })
             .collect();
         Self {
@@ -143,14 +154,23 @@ impl Checker {
         };
         if !v.is_object() {
             emit(
-                vec![field("", format!("a manifest must be a mapping with apiVersion and kind, got {}", schema::describe(v)))],
+                vec![field(
+                    "",
+                    format!(
+                        "a manifest must be a mapping with apiVersion and kind, got {}",
+                        schema::describe(v)
+                    ),
+                )],
                 None,
             );
             return None;
         }
         let (Some(api_version), Some(kind)) = (api_version, kind) else {
             if api_version.is_none() {
-                errors.push(field("apiVersion", "required field is missing; tallyman resources use tallyman.dev/v1alpha1"));
+                errors.push(field(
+                    "apiVersion",
+                    "required field is missing; tallyman resources use tallyman.dev/v1alpha1",
+                ));
             }
             if kind.is_none() {
                 errors.push(field("kind", "required field is missing; accepted: Connector, Workflow, ApprovalPolicy, ExceptionCase, Secret"));
@@ -178,19 +198,34 @@ impl Checker {
         }
         let Some(ks) = self.kinds.iter().find(|k| k.kind == kind) else {
             let accepted: Vec<&str> = self.kinds.iter().map(|k| k.kind).collect();
-            errors.push(field("kind", format!("unknown kind {kind:?} in {group}; accepted: {}", accepted.join(", "))));
+            errors.push(field(
+                "kind",
+                format!(
+                    "unknown kind {kind:?} in {group}; accepted: {}",
+                    accepted.join(", ")
+                ),
+            ));
             emit(errors, None);
             return None;
         };
         if api_version != API_VERSION {
-            errors.push(field("apiVersion", format!("{api_version:?} is not served; accepted: {API_VERSION}")));
+            errors.push(field(
+                "apiVersion",
+                format!("{api_version:?} is not served; accepted: {API_VERSION}"),
+            ));
             emit(errors, Some(kind));
             return None;
         }
 
         for key in v.as_object().into_iter().flat_map(|m| m.keys()) {
             if !ROOT_FIELDS.contains(&key.as_str()) {
-                errors.push(field(key, format!("unknown field {key:?}; accepted: {}", ROOT_FIELDS.join(", "))));
+                errors.push(field(
+                    key,
+                    format!(
+                        "unknown field {key:?}; accepted: {}",
+                        ROOT_FIELDS.join(", ")
+                    ),
+                ));
             }
         }
         check_metadata(v, &mut errors);
@@ -212,7 +247,10 @@ impl Checker {
             api_group: tallyman_api::GROUP.into(),
             kind: kind.into(),
         };
-        if let Err(rule_errors) = self.cel.validate_compiled_with_context(&ks.compiled, v, None, Some(&root)) {
+        if let Err(rule_errors) =
+            self.cel
+                .validate_compiled_with_context(&ks.compiled, v, None, Some(&root))
+        {
             for e in rule_errors.iter() {
                 let failed = e.kind == kube_cel::ErrorKind::ValidationFailure;
                 if structural_errors == 0 || failed {
@@ -297,15 +335,23 @@ fn check_metadata(v: &Value, errors: &mut Vec<FieldError>) {
     static SUBDOMAIN: OnceLock<Regex> = OnceLock::new();
     static LABEL: OnceLock<Regex> = OnceLock::new();
     let subdomain = SUBDOMAIN.get_or_init(|| {
-        Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$").expect("valid regex")
+        Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+            .expect("valid regex")
     });
-    let label = LABEL.get_or_init(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("valid regex"));
+    let label =
+        LABEL.get_or_init(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("valid regex"));
     let Some(meta) = v.get("metadata") else {
-        errors.push(field("metadata", "required field is missing; set at least metadata.name"));
+        errors.push(field(
+            "metadata",
+            "required field is missing; set at least metadata.name",
+        ));
         return;
     };
     let Some(meta) = meta.as_object() else {
-        errors.push(field("metadata", format!("must be an object, got {}", schema::describe(meta))));
+        errors.push(field(
+            "metadata",
+            format!("must be an object, got {}", schema::describe(meta)),
+        ));
         return;
     };
     match meta.get("name") {
@@ -319,7 +365,10 @@ fn check_metadata(v: &Value, errors: &mut Vec<FieldError>) {
                 ));
             }
         }
-        Some(other) => errors.push(field("metadata.name", format!("must be a string, got {}", schema::describe(other)))),
+        Some(other) => errors.push(field(
+            "metadata.name",
+            format!("must be a string, got {}", schema::describe(other)),
+        )),
     }
     match meta.get("namespace") {
         None => {}
@@ -337,12 +386,18 @@ fn check_metadata(v: &Value, errors: &mut Vec<FieldError>) {
                         if !val.is_string() {
                             errors.push(field(
                                 &format!("metadata.{map}[{k}]"),
-                                format!("must be a string, got {}; quote it", schema::describe(val)),
+                                format!(
+                                    "must be a string, got {}; quote it",
+                                    schema::describe(val)
+                                ),
                             ));
                         }
                     }
                 }
-                None => errors.push(field(&format!("metadata.{map}"), "must be a mapping of strings")),
+                None => errors.push(field(
+                    &format!("metadata.{map}"),
+                    "must be a mapping of strings",
+                )),
             }
         }
     }
@@ -356,12 +411,18 @@ fn secret_keys(v: &Value, errors: &mut Vec<FieldError>) -> BTreeSet<String> {
             Some(Value::Object(m)) => {
                 for (k, val) in m {
                     if !val.is_string() {
-                        errors.push(field(&format!("{section}[{k}]"), format!("must be a string, got {}", schema::describe(val))));
+                        errors.push(field(
+                            &format!("{section}[{k}]"),
+                            format!("must be a string, got {}", schema::describe(val)),
+                        ));
                     }
                     keys.insert(k.clone());
                 }
             }
-            Some(other) => errors.push(field(section, format!("must be a mapping, got {}", schema::describe(other)))),
+            Some(other) => errors.push(field(
+                section,
+                format!("must be a mapping, got {}", schema::describe(other)),
+            )),
         }
     }
     keys
@@ -369,9 +430,17 @@ fn secret_keys(v: &Value, errors: &mut Vec<FieldError>) -> BTreeSet<String> {
 
 /// The names in a Connector's external-secrets annotation; `None` means all.
 pub fn external_secrets(annotations: &BTreeMap<String, String>) -> Option<BTreeSet<String>> {
-    match annotations.get(super::EXTERNAL_SECRETS_ANNOTATION).map(|s| s.trim()) {
+    match annotations
+        .get(super::EXTERNAL_SECRETS_ANNOTATION)
+        .map(|s| s.trim())
+    {
         Some("true") | Some("*") => None,
-        Some(list) => Some(list.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()),
+        Some(list) => Some(
+            list.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        ),
         None => Some(BTreeSet::new()),
     }
 }

@@ -60,7 +60,11 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{}:{}: {severity}: document {}", self.file, self.line, self.document)?;
+        write!(
+            f,
+            "{}:{}: {severity}: document {}",
+            self.file, self.line, self.document
+        )?;
         match (&self.kind, &self.name) {
             (Some(kind), Some(name)) => write!(
                 f,
@@ -98,11 +102,15 @@ pub struct Report {
 
 impl Report {
     pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Error)
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Error)
     }
 
     pub fn warnings(&self) -> impl Iterator<Item = &Diagnostic> {
-        self.diagnostics.iter().filter(|d| d.severity == Severity::Warning)
+        self.diagnostics
+            .iter()
+            .filter(|d| d.severity == Severity::Warning)
     }
 
     pub fn has_errors(&self) -> bool {
@@ -110,7 +118,10 @@ impl Report {
     }
 }
 
-fn serialize_read_errors<S: serde::Serializer>(errors: &[ReadError], s: S) -> Result<S::Ok, S::Error> {
+fn serialize_read_errors<S: serde::Serializer>(
+    errors: &[ReadError],
+    s: S,
+) -> Result<S::Ok, S::Error> {
     use serde::ser::SerializeSeq;
     let mut seq = s.serialize_seq(Some(errors.len()))?;
     for e in errors {
@@ -157,10 +168,18 @@ pub fn validate_loaded(loaded: Loaded) -> Report {
     report.resources = resources.len();
     // References to a resource that is declared but invalid are not reported
     // again: its own errors say what to fix.
-    let declared = loaded.documents.iter().filter_map(document::identity).collect();
+    let declared = loaded
+        .documents
+        .iter()
+        .filter_map(document::identity)
+        .collect();
     semantic::check_set(&resources, &declared, &mut report.diagnostics);
     report.diagnostics.sort_by(|a, b| {
-        (&a.file, a.document, a.severity == Severity::Warning).cmp(&(&b.file, b.document, b.severity == Severity::Warning))
+        (&a.file, a.document, a.severity == Severity::Warning).cmp(&(
+            &b.file,
+            b.document,
+            b.severity == Severity::Warning,
+        ))
     });
     let failed: std::collections::HashSet<(String, usize)> = report
         .errors()

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 use tallyman_api::v1alpha1::{
-    Action, ApprovalPolicy, ApprovalStep, Connector, HttpMethod, Outcome, Route, SecretKeyRef, SignatureScheme, Step,
-    Workflow,
+    Action, ApprovalPolicy, ApprovalStep, Connector, HttpMethod, Outcome, Route, SecretKeyRef,
+    SignatureScheme, Step, Workflow,
 };
 
 use super::document::{Object, Resource, external_secrets};
@@ -97,11 +97,13 @@ struct Cx<'a, 'o> {
 
 impl Cx<'_, '_> {
     fn error(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.out.push(self.r.diagnostic(Severity::Error, path, message));
+        self.out
+            .push(self.r.diagnostic(Severity::Error, path, message));
     }
 
     fn warning(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.out.push(self.r.diagnostic(Severity::Warning, path, message));
+        self.out
+            .push(self.r.diagnostic(Severity::Warning, path, message));
     }
 
     /// Whether `kind/name` is declared in this namespace (maybe invalid, and
@@ -147,8 +149,14 @@ fn check_connector(cx: &mut Cx, c: &Connector, ns: &Namespace) {
                 refs.push(("spec.rest.auth.apiKey.secretRef".into(), &k.secret_ref));
             }
             if let Some(o) = &auth.oauth2_client_credentials {
-                refs.push(("spec.rest.auth.oauth2ClientCredentials.clientId".into(), &o.client_id));
-                refs.push(("spec.rest.auth.oauth2ClientCredentials.clientSecret".into(), &o.client_secret));
+                refs.push((
+                    "spec.rest.auth.oauth2ClientCredentials.clientId".into(),
+                    &o.client_id,
+                ));
+                refs.push((
+                    "spec.rest.auth.oauth2ClientCredentials.clientSecret".into(),
+                    &o.client_secret,
+                ));
             }
         }
         if let Some(tls) = &rest.tls {
@@ -181,7 +189,11 @@ fn check_connector(cx: &mut Cx, c: &Connector, ns: &Namespace) {
         }
         for (i, event) in hook.events.iter().enumerate() {
             let base = format!("spec.webhook.events[{i}]");
-            for (field, source) in [("when", &event.when), ("id", &event.id), ("data", &event.data)] {
+            for (field, source) in [
+                ("when", &event.when),
+                ("id", &event.id),
+                ("data", &event.data),
+            ] {
                 if let Some(source) = source {
                     cx.expr(&format!("{base}.{field}"), source, Scope::Webhook);
                 }
@@ -189,7 +201,10 @@ fn check_connector(cx: &mut Cx, c: &Connector, ns: &Namespace) {
         }
     }
     for (path, secret) in refs {
-        if external.as_ref().is_none_or(|names| names.contains(&secret.name)) {
+        if external
+            .as_ref()
+            .is_none_or(|names| names.contains(&secret.name))
+        {
             continue;
         }
         match ns.secrets.get(secret.name.as_str()) {
@@ -262,11 +277,18 @@ struct StepEnv<'w> {
 
 fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
     let spec = &w.spec;
-    cx.expr("spec.trigger.correlate", &spec.trigger.correlate, Scope::Correlate);
+    cx.expr(
+        "spec.trigger.correlate",
+        &spec.trigger.correlate,
+        Scope::Correlate,
+    );
     let mut seen = BTreeSet::new();
     for (i, event) in spec.trigger.events.iter().enumerate() {
         if !seen.insert(event) {
-            cx.error(format!("spec.trigger.events[{i}]"), format!("event type {event:?} is listed twice"));
+            cx.error(
+                format!("spec.trigger.events[{i}]"),
+                format!("event type {event:?} is listed twice"),
+            );
         }
     }
     let env = StepEnv {
@@ -308,7 +330,10 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
             }
         }
         if aw.on_timeout.is_some() && aw.timeout.is_none() {
-            cx.warning(format!("{base}.await.onTimeout"), "onTimeout has no effect without a timeout");
+            cx.warning(
+                format!("{base}.await.onTimeout"),
+                "onTimeout has no effect without a timeout",
+            );
         }
         if let Some(route) = &aw.on_timeout {
             check_route(cx, env, ns, route, i, &format!("{base}.await.onTimeout"));
@@ -330,13 +355,41 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
             Some((_, conn)) => match &conn.spec.rest {
                 None => cx.error(
                     format!("{path}.connector"),
-                    format!("Connector {:?} has no rest section, so it has no actions to call", call.connector),
+                    format!(
+                        "Connector {:?} has no rest section, so it has no actions to call",
+                        call.connector
+                    ),
                 ),
                 Some(rest) => {
-                    let action = check_action_ref(cx, rest, &call.connector, &call.action, &call.params, &path, i, env);
+                    let action = check_action_ref(
+                        cx,
+                        rest,
+                        &call.connector,
+                        &call.action,
+                        &call.params,
+                        &path,
+                        i,
+                        env,
+                    );
                     if let Some(lookup) = &call.lookup {
-                        check_action_ref(cx, rest, &call.connector, &lookup.action, &lookup.params, &format!("{path}.lookup"), i, env);
-                        step_expr(cx, env, &format!("{path}.lookup.found"), &lookup.found, i, Scope::Lookup);
+                        check_action_ref(
+                            cx,
+                            rest,
+                            &call.connector,
+                            &lookup.action,
+                            &lookup.params,
+                            &format!("{path}.lookup"),
+                            i,
+                            env,
+                        );
+                        step_expr(
+                            cx,
+                            env,
+                            &format!("{path}.lookup.found"),
+                            &lookup.found,
+                            i,
+                            Scope::Lookup,
+                        );
                     }
                     if let Some(action) = action
                         && action.method != HttpMethod::Get
@@ -358,7 +411,14 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
             step_expr(cx, env, &format!("{path}.body"), body, i, Scope::Step);
         }
         if let Some(key) = &call.idempotency_key {
-            step_expr(cx, env, &format!("{path}.idempotencyKey"), key, i, Scope::Step);
+            step_expr(
+                cx,
+                env,
+                &format!("{path}.idempotencyKey"),
+                key,
+                i,
+                Scope::Step,
+            );
         }
         if let Some(route) = &call.on_failure {
             check_route(cx, env, ns, route, i + 1, &format!("{path}.onFailure"));
@@ -380,9 +440,13 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
     }
     if let Some(set) = &step.set {
         static IDENT: OnceLock<Regex> = OnceLock::new();
-        let ident = IDENT.get_or_init(|| Regex::new("^[A-Za-z_][A-Za-z0-9_]*$").expect("valid regex"));
+        let ident =
+            IDENT.get_or_init(|| Regex::new("^[A-Za-z_][A-Za-z0-9_]*$").expect("valid regex"));
         if set.is_empty() {
-            cx.error(format!("{base}.set"), "sets nothing; give at least one variable");
+            cx.error(
+                format!("{base}.set"),
+                "sets nothing; give at least one variable",
+            );
         }
         for (name, source) in set {
             if !ident.is_match(name) {
@@ -391,13 +455,27 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
                     format!("variable name {name:?} is not an identifier; use letters, digits and _ so that vars.{name} can be read"),
                 );
             }
-            step_expr(cx, env, &format!("{base}.set[{name}]"), source, i, Scope::Step);
+            step_expr(
+                cx,
+                env,
+                &format!("{base}.set[{name}]"),
+                source,
+                i,
+                Scope::Step,
+            );
         }
     }
     if let Some(wait) = &step.wait
         && let Some(until) = &wait.until
     {
-        step_expr(cx, env, &format!("{base}.wait.until"), until, i, Scope::Step);
+        step_expr(
+            cx,
+            env,
+            &format!("{base}.wait.until"),
+            until,
+            i,
+            Scope::Step,
+        );
     }
 }
 
@@ -427,7 +505,10 @@ fn check_action_ref<'r>(
         if !params.contains_key(name) {
             cx.error(
                 format!("{path}.params"),
-                format!("action {action:?} (path {:?}) needs a value for {{{name}}}; add params.{name}", found.path),
+                format!(
+                    "action {action:?} (path {:?}) needs a value for {{{name}}}; add params.{name}",
+                    found.path
+                ),
             );
         }
     }
@@ -442,13 +523,28 @@ fn check_action_ref<'r>(
                 ),
             );
         }
-        step_expr(cx, env, &format!("{path}.params[{name}]"), source, i, Scope::Step);
+        step_expr(
+            cx,
+            env,
+            &format!("{path}.params[{name}]"),
+            source,
+            i,
+            Scope::Step,
+        );
     }
     Some(found)
 }
 
-fn check_approval(cx: &mut Cx, env: &StepEnv, ns: &Namespace, a: &ApprovalStep, i: usize, path: &str) {
-    if !ns.policies.contains_key(a.policy.as_str()) && !cx.is_declared("ApprovalPolicy", &a.policy) {
+fn check_approval(
+    cx: &mut Cx,
+    env: &StepEnv,
+    ns: &Namespace,
+    a: &ApprovalStep,
+    i: usize,
+    path: &str,
+) {
+    if !ns.policies.contains_key(a.policy.as_str()) && !cx.is_declared("ApprovalPolicy", &a.policy)
+    {
         cx.error(
             format!("{path}.policy"),
             format!(
@@ -460,10 +556,24 @@ fn check_approval(cx: &mut Cx, env: &StepEnv, ns: &Namespace, a: &ApprovalStep, 
         );
     }
     if let Some(initiator) = &a.initiator {
-        step_expr(cx, env, &format!("{path}.initiator"), initiator, i, Scope::Step);
+        step_expr(
+            cx,
+            env,
+            &format!("{path}.initiator"),
+            initiator,
+            i,
+            Scope::Step,
+        );
     }
     for (name, source) in &a.facts {
-        step_expr(cx, env, &format!("{path}.facts[{name}]"), source, i, Scope::Step);
+        step_expr(
+            cx,
+            env,
+            &format!("{path}.facts[{name}]"),
+            source,
+            i,
+            Scope::Step,
+        );
     }
     if let Some(outcome) = &a.on_rejected {
         check_outcome(cx, env, outcome, i, &format!("{path}.onRejected"));
@@ -498,7 +608,10 @@ fn check_outcome(cx: &mut Cx, env: &StepEnv, outcome: &Outcome, i: usize, path: 
     {
         cx.error(
             format!("{path}.goTo"),
-            format!("no step named {target:?}; {}", accepted(env.step_names.iter().copied())),
+            format!(
+                "no step named {target:?}; {}",
+                accepted(env.step_names.iter().copied())
+            ),
         );
     }
 }
@@ -507,10 +620,17 @@ fn check_outcome(cx: &mut Cx, env: &StepEnv, outcome: &Outcome, i: usize, path: 
 /// must be a call step that ran before step `i`, `events['<type>']` a
 /// trigger event, `vars.<name>` a variable some `set` step sets.
 fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, scope: Scope) {
-    let Some(refs) = cx.expr(path, source, scope) else { return };
+    let Some(refs) = cx.expr(path, source, scope) else {
+        return;
+    };
     for name in &refs.steps {
         if env.calls.get(name.as_str()).is_none_or(|&at| at >= i) {
-            let before: Vec<&str> = env.calls.iter().filter(|(_, at)| **at < i).map(|(n, _)| *n).collect();
+            let before: Vec<&str> = env
+                .calls
+                .iter()
+                .filter(|(_, at)| **at < i)
+                .map(|(n, _)| *n)
+                .collect();
             cx.error(
                 path,
                 format!(
@@ -535,7 +655,10 @@ fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, sco
         if !env.vars.contains(var.as_str()) {
             cx.error(
                 path,
-                format!("vars.{var} is never set; {}", accepted(env.vars.iter().copied())),
+                format!(
+                    "vars.{var} is never set; {}",
+                    accepted(env.vars.iter().copied())
+                ),
             );
         }
     }
@@ -549,7 +672,10 @@ fn check_policy(cx: &mut Cx, p: &ApprovalPolicy) {
         if let Some(earlier) = catch_all {
             cx.warning(
                 format!("{path}.name"),
-                format!("rule {:?} is never reached: rule {earlier:?} before it always matches", rule.name),
+                format!(
+                    "rule {:?} is never reached: rule {earlier:?} before it always matches",
+                    rule.name
+                ),
             );
         } else if rule.when.trim() == "true" {
             catch_all = Some(&rule.name);

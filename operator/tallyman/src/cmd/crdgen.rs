@@ -18,15 +18,20 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.reference {
-        print!("{}", tallyman_core::reference::markdown(&tallyman_api::all_crds()));
+        print!(
+            "{}",
+            tallyman_core::reference::markdown(&tallyman_api::all_crds())
+        );
         return Ok(ExitCode::SUCCESS);
     }
     match args.dir {
         Some(dir) => {
-            std::fs::create_dir_all(&dir).with_context(|| format!("failed to create {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("failed to create {}", dir.display()))?;
             for (file, yaml) in tallyman_core::crdgen::files()? {
                 let path = dir.join(&file);
-                std::fs::write(&path, yaml).with_context(|| format!("failed to write {}", path.display()))?;
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("failed to write {}", path.display()))?;
                 eprintln!("wrote {}", path.display());
             }
         }

@@ -41,7 +41,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Output::Text => {
             for e in &report.read_errors {
-                writeln!(out, "{}: error: cannot read: {}", e.path.display(), e.message)?;
+                writeln!(
+                    out,
+                    "{}: error: cannot read: {}",
+                    e.path.display(),
+                    e.message
+                )?;
             }
             for d in &report.diagnostics {
                 writeln!(out, "{d}")?;

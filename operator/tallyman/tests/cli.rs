@@ -1,0 +1,104 @@
+//! The `tallyman` binary as a user runs it: exit codes and output formats.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tallyman(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tallyman"))
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("tallyman runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn validate_accepts_the_examples() {
+    let out = tallyman(&["validate", "examples/"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("all valid"), "{}", stdout(&out));
+}
+
+#[test]
+fn validate_reports_every_error_with_its_location_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("wf.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: tallyman.dev/v1alpha1\nkind: Workflow\nmetadata: {name: wf}\nspec:\n  trigger: {events: [a.b], correlate: 'event.data.id'}\n  steps:\n    - name: one\n      call: {connector: erp, action: createInvoice}\n    - name: two\n      check: 'payload.ok'\n",
+    )
+    .unwrap();
+    let out = tallyman(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = stdout(&out);
+    assert!(
+        text.contains("wf.yaml:1: error: document 1 (Workflow default/wf): spec.steps[0].call.connector: no Connector \"erp\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("spec.steps[1].check: CEL refers to an unknown variable \"payload\""),
+        "{text}"
+    );
+    assert!(text.contains("2 errors"), "{text}");
+
+    let out = tallyman(&["validate", "--output", "json", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json output");
+    assert_eq!(json["valid"], false);
+    let diags = json["diagnostics"].as_array().unwrap();
+    assert_eq!(diags.len(), 2);
+    assert_eq!(diags[0]["path"], "spec.steps[0].call.connector");
+    assert_eq!(diags[0]["kind"], "Workflow");
+    assert_eq!(diags[0]["document"], 1);
+    assert_eq!(diags[0]["severity"], "error");
+}
+
+#[test]
+fn validate_exits_2_when_a_path_cannot_be_read() {
+    let out = tallyman(&["validate", "examples/", "no/such/dir"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stdout(&out).contains("no/such/dir: error: cannot read"),
+        "{}",
+        stdout(&out)
+    );
+}
+
+#[test]
+fn crdgen_prints_all_crds_and_writes_one_file_each() {
+    let out = tallyman(&["crdgen"]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = stdout(&out);
+    for name in [
+        "connectors.tallyman.dev",
+        "workflows.tallyman.dev",
+        "approvalpolicies.tallyman.dev",
+        "exceptioncases.tallyman.dev",
+    ] {
+        assert!(text.contains(&format!("name: {name}")), "{name} missing");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = tallyman(&["crdgen", "--dir", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0));
+    let mut files: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "approvalpolicies.tallyman.dev.yaml",
+            "connectors.tallyman.dev.yaml",
+            "exceptioncases.tallyman.dev.yaml",
+            "workflows.tallyman.dev.yaml"
+        ]
+    );
+}
