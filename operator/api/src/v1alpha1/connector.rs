@@ -105,7 +105,7 @@ fn default_timeout() -> Duration {
 /// Exactly one authentication scheme.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.bearer), has(self.basic), has(self.apiKey), has(self.oauth2ClientCredentials)].filter(x, x).size() == 1").message("set exactly one of bearer, basic, apiKey, oauth2ClientCredentials"))]
+#[x_kube(validation = Rule::new("(has(self.bearer) ? 1 : 0) + (has(self.basic) ? 1 : 0) + (has(self.apiKey) ? 1 : 0) + (has(self.oauth2ClientCredentials) ? 1 : 0) == 1").message("set exactly one of bearer, basic, apiKey, oauth2ClientCredentials"))]
 pub struct RestAuth {
     /// `Authorization: Bearer <token>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

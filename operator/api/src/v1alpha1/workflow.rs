@@ -99,7 +99,7 @@ pub enum SlaBreach {
 /// `set` and `wait` is set.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.await), has(self.call), has(self.check), has(self.approval), has(self.emit), has(self.set), has(self.wait)].filter(k, k).size() == 1").message("set exactly one of await, call, check, approval, emit, set, wait"))]
+#[x_kube(validation = Rule::new("(has(self.await) ? 1 : 0) + (has(self.call) ? 1 : 0) + (has(self.check) ? 1 : 0) + (has(self.approval) ? 1 : 0) + (has(self.emit) ? 1 : 0) + (has(self.set) ? 1 : 0) + (has(self.wait) ? 1 : 0) == 1").message("set exactly one of await, call, check, approval, emit, set, wait"))]
 #[x_kube(validation = Rule::new("!has(self.onFalse) || has(self.check)").message("onFalse is only allowed on a check step"))]
 pub struct Step {
     /// Unique within the workflow; a DNS label (lowercase letters, digits, `-`).
