@@ -103,7 +103,7 @@ pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let index = i + 1;
         let line = starts.get(i).copied().unwrap_or(1);
-        match serde_json::Value::deserialize(doc) {
+        match Strict::deserialize(doc).map(|s| s.0) {
             Ok(serde_json::Value::Null) => {}
             Ok(value) => loaded.documents.push(Document {
                 file: file.to_path_buf(),
@@ -123,6 +123,96 @@ pub fn parse_into(file: &Path, text: &str, loaded: &mut Loaded) {
                 break;
             }
         }
+    }
+}
+
+/// A JSON value read from YAML that refuses a key given twice in one
+/// mapping, as `kubectl` does: YAML parsers otherwise keep the last one
+/// silently.
+struct Strict(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(serde_json::Value::Null, Into::into))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        Strict::deserialize(d).map(|s| s.0)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Strict(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(items.into())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut out = serde_json::Map::new();
+        while let Some(Strict(key)) = map.next_key()? {
+            let key = match key {
+                serde_json::Value::String(s) => s,
+                serde_json::Value::Number(n) => n.to_string(),
+                serde_json::Value::Bool(b) => b.to_string(),
+                other => {
+                    return Err(A::Error::custom(format!(
+                        "a mapping key must be a scalar, got {other}"
+                    )));
+                }
+            };
+            let Strict(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(A::Error::custom(format!(
+                    "duplicate key {key:?} in one mapping"
+                )));
+            }
+            out.insert(key, value);
+        }
+        Ok(out.into())
     }
 }
 
@@ -168,6 +258,16 @@ mod tests {
         assert_eq!(found[0], (1, 2, serde_json::json!({"a": 1})));
         assert_eq!(found[1], (2, 4, serde_json::json!({"b": 2})));
         assert_eq!(found[2], (4, 8, serde_json::json!({"c": 3})));
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused() {
+        let text = "metadata:\n  name: a\n  name: b\n";
+        let mut loaded = Loaded::default();
+        parse_into(Path::new("x.yaml"), text, &mut loaded);
+        assert!(loaded.documents.is_empty());
+        let err = &loaded.parse_errors[0];
+        assert!(err.message.contains("duplicate key \"name\""), "{err:?}");
     }
 
     #[test]

@@ -61,7 +61,11 @@ pub fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldEr
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array)
         && !allowed.contains(value)
     {
-        let accepted: Vec<String> = allowed.iter().map(|v| v.to_string()).collect();
+        let accepted: Vec<String> = allowed
+            .iter()
+            .filter(|v| !v.is_null())
+            .map(|v| v.to_string())
+            .collect();
         err(format!(
             "unsupported value {value}; accepted: {}",
             accepted.join(", ")
@@ -179,9 +183,7 @@ fn check_bounds(schema: &Value, what: &str, len: usize, unit: &str, err: &mut im
     if let Some(min) = schema.get(format!("min{what}")).and_then(Value::as_u64)
         && (len as u64) < min
     {
-        err(if min == 1 && unit != "characters" {
-            format!("must not be empty; at least 1 of {unit} is needed")
-        } else if min == 1 {
+        err(if min == 1 {
             "must not be empty".to_string()
         } else {
             format!("has {len} {unit}, at least {min} are needed")
@@ -246,14 +248,14 @@ fn check_list_keys(schema: &Value, items: &[Value], path: &str, errors: &mut Vec
 
 /// Plain words for the patterns tallyman's CRDs use.
 fn pattern_hint(pattern: &str) -> Option<&'static str> {
-    use tallyman_api::v1alpha1::{DURATION_PATTERN, STEP_NAME_PATTERN};
+    use tallyman_api::v1alpha1::{DURATION_PATTERN, EVENT_TYPE_PATTERN, STEP_NAME_PATTERN};
     if pattern == DURATION_PATTERN {
         Some("a duration; use e.g. 30s, 5m, 1h30m, 250ms")
     } else if pattern == STEP_NAME_PATTERN {
         Some(
             "a DNS label; use lowercase letters, digits and '-', starting and ending with a letter or digit, e.g. create-invoice",
         )
-    } else if pattern.starts_with(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.") {
+    } else if pattern == EVENT_TYPE_PATTERN {
         Some("an event type; use dot-separated lowercase words, e.g. shipment.confirmed")
     } else if pattern == "^[A-Z][A-Za-z0-9]*$" {
         Some("an UpperCamelCase word, e.g. QuantityMismatch")

@@ -13,27 +13,39 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// duration such as `30s`, `5m`, `1h30m` or `250ms`.
 pub const DURATION_PATTERN: &str = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$";
 
+/// The pattern of an event type: dot-separated lowercase words, e.g.
+/// `shipment.confirmed`; it becomes the last tokens of a NATS subject.
+pub const EVENT_TYPE_PATTERN: &str =
+    r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$";
+
 /// A non-negative duration written the Kubernetes way (`30s`, `5m`, `48h`,
-/// `1h30m`, `250ms`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Duration(kube::core::Duration);
+/// `1h30m`, `250ms`). It keeps the text it was written as, so messages and
+/// serialized manifests show `5m`, not `300s`.
+#[derive(Clone)]
+pub struct Duration {
+    value: std::time::Duration,
+    text: String,
+}
 
 impl Duration {
     /// The duration as a `std::time::Duration`.
     pub fn as_std(&self) -> std::time::Duration {
-        self.0.into()
+        self.value
     }
 
-    /// A duration of `secs` seconds.
-    pub fn from_secs(secs: u64) -> Self {
-        Self(std::time::Duration::from_secs(secs).into())
-    }
-
-    /// A duration of `millis` milliseconds.
-    pub fn from_millis(millis: u64) -> Self {
-        Self(std::time::Duration::from_millis(millis).into())
+    /// Parse a literal known to be valid (defaults in this crate).
+    pub(crate) fn lit(text: &str) -> Self {
+        text.parse().expect("a valid duration literal")
     }
 }
+
+impl PartialEq for Duration {
+    fn eq(&self, other: &Self) -> bool {
+        self.value == other.value
+    }
+}
+
+impl Eq for Duration {}
 
 impl FromStr for Duration {
     type Err = String;
@@ -45,13 +57,16 @@ impl FromStr for Duration {
         if d.is_negative() {
             return Err(format!("{s:?} is negative; durations must be positive"));
         }
-        Ok(Self(d))
+        Ok(Self {
+            value: d.into(),
+            text: s.to_string(),
+        })
     }
 }
 
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(&self.0, f)
+        f.write_str(&self.text)
     }
 }
 

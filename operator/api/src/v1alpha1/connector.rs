@@ -6,7 +6,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Conditions, Duration, Expression, SecretKeyRef, conditions_schema};
+use super::common::{
+    Conditions, Duration, EVENT_TYPE_PATTERN, Expression, SecretKeyRef, conditions_schema,
+};
 
 /// One external system: how tallyman calls it (`rest`) and how it calls
 /// tallyman (`webhook`). At least one of the two is required.
@@ -99,7 +101,7 @@ pub struct RestSpec {
 }
 
 fn default_timeout() -> Duration {
-    Duration::from_secs(10)
+    Duration::lit("10s")
 }
 
 /// Exactly one authentication scheme.
@@ -214,10 +216,10 @@ fn default_max_attempts() -> u32 {
     5
 }
 fn default_initial_backoff() -> Duration {
-    Duration::from_millis(200)
+    Duration::lit("200ms")
 }
 fn default_max_backoff() -> Duration {
-    Duration::from_secs(30)
+    Duration::lit("30s")
 }
 
 /// TLS settings for the outbound connection.
@@ -255,7 +257,7 @@ fn default_probe_path() -> String {
     "/".into()
 }
 fn default_probe_interval() -> Duration {
-    Duration::from_secs(60)
+    Duration::lit("1m")
 }
 
 /// One REST operation.
@@ -348,7 +350,7 @@ pub struct Signature {
 }
 
 fn default_tolerance() -> Duration {
-    Duration::from_secs(300)
+    Duration::lit("5m")
 }
 
 /// Signature schemes.
@@ -370,8 +372,7 @@ pub struct WebhookEvent {
     /// Event type, e.g. `shipment.confirmed`; published to
     /// `tallyman.<namespace>.events.<type>`.
     #[serde(rename = "type")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\\\\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$')").message("must be dot-separated lowercase words, e.g. shipment.confirmed"))]
-    #[schemars(length(min = 1, max = 128))]
+    #[schemars(length(min = 1, max = 128), regex(pattern = EVENT_TYPE_PATTERN))]
     pub type_: String,
     /// CEL (bool) over `payload` and `headers`: whether this payload produces
     /// this event. Omitted: always.

@@ -122,6 +122,7 @@ fn yes() -> bool {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.then != 'Escalate' || has(self.escalateTo)").message("escalateTo is required when then is Escalate"))]
+#[x_kube(validation = Rule::new("self.then == 'Escalate' || !has(self.escalateTo)").message("escalateTo is only allowed when then is Escalate"))]
 pub struct Expiry {
     /// Time a case may stay open.
     pub after: Duration,

@@ -7,7 +7,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Conditions, Duration, Expression, conditions_schema};
+use super::common::{Conditions, Duration, EVENT_TYPE_PATTERN, Expression, conditions_schema};
 
 /// The pattern of a step name: a DNS label.
 pub const STEP_NAME_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
@@ -66,7 +66,7 @@ pub struct WorkflowSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Trigger {
     /// Event types this workflow consumes, e.g. `shipment.confirmed`.
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128), regex(pattern = EVENT_TYPE_PATTERN)))]
     pub events: Vec<String>,
     /// CEL (string or int) over `event`: the instance key. Events with the
     /// same key belong to the same instance.
@@ -141,7 +141,7 @@ pub struct Step {
 pub struct AwaitStep {
     /// Event types to wait for; each must be one of `trigger.events`. Events
     /// that arrived earlier count.
-    #[schemars(length(min = 1, max = 32))]
+    #[schemars(length(min = 1, max = 32), inner(length(min = 1, max = 128), regex(pattern = EVENT_TYPE_PATTERN)))]
     pub events: Vec<String>,
     /// Give up after this long (measured from when the step began).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -285,7 +285,7 @@ pub struct EmitStep {
 /// Pause an instance; the timer survives restarts.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.for) != has(self.until)").message("set exactly one of for, until"))]
+#[x_kube(validation = Rule::new("has(self.__for__) != has(self.until)").message("set exactly one of for, until"))]
 pub struct WaitStep {
     /// Pause for this long.
     #[serde(rename = "for", default, skip_serializing_if = "Option::is_none")]

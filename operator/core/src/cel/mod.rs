@@ -179,6 +179,8 @@ pub struct References {
     pub events: BTreeSet<String>,
     /// `vars.<name>` and `vars['<name>']`.
     pub vars: BTreeSet<String>,
+    /// `facts.<name>` and `facts['<name>']`.
+    pub facts: BTreeSet<String>,
 }
 
 /// Why an expression was refused.
@@ -255,6 +257,9 @@ fn collect(e: &IdedExpr, bound: &mut Vec<String>, refs: &mut References) {
                     "vars" => {
                         refs.vars.insert(select.field.clone());
                     }
+                    "facts" => {
+                        refs.facts.insert(select.field.clone());
+                    }
                     _ => {}
                 }
             }
@@ -277,6 +282,9 @@ fn collect(e: &IdedExpr, bound: &mut Vec<String>, refs: &mut References) {
                     }
                     "vars" => {
                         refs.vars.insert(s.to_string());
+                    }
+                    "facts" => {
+                        refs.facts.insert(s.to_string());
                     }
                     _ => {}
                 }
@@ -371,5 +379,17 @@ mod tests {
             Scope::Step,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn facts_read_by_a_policy_are_collected() {
+        let r = refs(
+            "facts.amount < decimal('500') && has(facts.variancePercent) && facts['sku'] != ''",
+            Scope::Policy,
+        );
+        assert_eq!(
+            r.facts,
+            BTreeSet::from(["amount".into(), "variancePercent".into(), "sku".into()])
+        );
     }
 }

@@ -254,7 +254,10 @@ impl Checker {
             for e in rule_errors.iter() {
                 let failed = e.kind == kube_cel::ErrorKind::ValidationFailure;
                 if structural_errors == 0 || failed {
-                    errors.push(field(&e.field_path, rule_message(e)));
+                    errors.push(field(
+                        &map_keys_in_brackets(&ks.schema, &e.field_path),
+                        rule_message(e),
+                    ));
                 }
             }
         }
@@ -316,6 +319,44 @@ fn field(path: &str, message: impl Into<String>) -> FieldError {
     }
 }
 
+/// kube-cel writes map entries as `actions.getOrder`; tallyman (like the
+/// API server's field paths) writes `actions[getOrder]`. Walk the schema to
+/// tell map keys from properties.
+fn map_keys_in_brackets(schema: &Value, path: &str) -> String {
+    let mut out = String::new();
+    let mut node = Some(schema);
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (name, indices) = match part.find('[') {
+            Some(at) => (&part[..at], &part[at..]),
+            None => (part, ""),
+        };
+        let prop = node
+            .and_then(|n| n.get("properties"))
+            .and_then(|p| p.get(name));
+        let map_value = node
+            .and_then(|n| n.get("additionalProperties"))
+            .filter(|a| a.is_object());
+        match (prop, map_value) {
+            (None, Some(value)) => {
+                out.push_str(&format!("[{name}]"));
+                node = Some(value);
+            }
+            _ => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(name);
+                node = prop;
+            }
+        }
+        for _ in indices.matches('[') {
+            node = node.and_then(|n| n.get("items"));
+        }
+        out.push_str(indices);
+    }
+    out
+}
+
 fn rule_message(e: &kube_cel::ValidationError) -> String {
     match e.kind {
         kube_cel::ErrorKind::ValidationFailure => e.message.clone(),
@@ -332,12 +373,8 @@ fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<T, FieldError> {
 }
 
 fn check_metadata(v: &Value, errors: &mut Vec<FieldError>) {
-    static SUBDOMAIN: OnceLock<Regex> = OnceLock::new();
     static LABEL: OnceLock<Regex> = OnceLock::new();
-    let subdomain = SUBDOMAIN.get_or_init(|| {
-        Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-            .expect("valid regex")
-    });
+    let subdomain = subdomain_re();
     let label =
         LABEL.get_or_init(|| Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$").expect("valid regex"));
     let Some(meta) = v.get("metadata") else {
@@ -379,28 +416,79 @@ fn check_metadata(v: &Value, errors: &mut Vec<FieldError>) {
         )),
     }
     for map in ["labels", "annotations"] {
-        if let Some(entries) = meta.get(map) {
-            match entries.as_object() {
-                Some(entries) => {
-                    for (k, val) in entries {
-                        if !val.is_string() {
-                            errors.push(field(
-                                &format!("metadata.{map}[{k}]"),
-                                format!(
-                                    "must be a string, got {}; quote it",
-                                    schema::describe(val)
-                                ),
-                            ));
-                        }
-                    }
-                }
+        let Some(entries) = meta.get(map) else {
+            continue;
+        };
+        let Some(entries) = entries.as_object() else {
+            errors.push(field(
+                &format!("metadata.{map}"),
+                "must be a mapping of strings",
+            ));
+            continue;
+        };
+        for (k, val) in entries {
+            let path = format!("metadata.{map}[{k}]");
+            if let Err(why) = label_key(k) {
+                errors.push(field(&path, format!("{k:?} is not a valid key: {why}")));
+            }
+            match val.as_str() {
                 None => errors.push(field(
-                    &format!("metadata.{map}"),
-                    "must be a mapping of strings",
+                    &path,
+                    format!("must be a string, got {}; quote it", schema::describe(val)),
                 )),
+                Some(v) if map == "labels" && !is_label_value(v) => errors.push(field(
+                    &path,
+                    format!("{v:?} is not a valid label value: at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"),
+                )),
+                Some(_) => {}
             }
         }
     }
+}
+
+fn subdomain_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+            .expect("valid regex")
+    })
+}
+
+fn label_name_re() -> &'static Regex {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    RE.get_or_init(|| {
+        Regex::new("^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$").expect("valid regex")
+    })
+}
+
+/// A label or annotation key: `[prefix/]name`.
+fn label_key(key: &str) -> Result<(), &'static str> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let sub = subdomain_re();
+        if prefix.len() > 253 || !sub.is_match(prefix) {
+            return Err("the prefix before '/' must be a DNS subdomain");
+        }
+    }
+    if name.len() > 63 || !label_name_re().is_match(name) {
+        return Err(
+            "the name must be at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit",
+        );
+    }
+    Ok(())
+}
+
+fn is_label_value(v: &str) -> bool {
+    v.is_empty() || (v.len() <= 63 && label_name_re().is_match(v))
+}
+
+fn is_base64(v: &str) -> bool {
+    static RE: OnceLock<Regex> = OnceLock::new();
+    let re = RE.get_or_init(|| Regex::new("^[A-Za-z0-9+/]*={0,2}$").expect("valid regex"));
+    v.len().is_multiple_of(4) && re.is_match(v)
 }
 
 fn secret_keys(v: &Value, errors: &mut Vec<FieldError>) -> BTreeSet<String> {
@@ -410,11 +498,17 @@ fn secret_keys(v: &Value, errors: &mut Vec<FieldError>) -> BTreeSet<String> {
             None => {}
             Some(Value::Object(m)) => {
                 for (k, val) in m {
-                    if !val.is_string() {
-                        errors.push(field(
-                            &format!("{section}[{k}]"),
+                    let path = format!("{section}[{k}]");
+                    match val.as_str() {
+                        None => errors.push(field(
+                            &path,
                             format!("must be a string, got {}", schema::describe(val)),
-                        ));
+                        )),
+                        Some(v) if section == "data" && !is_base64(v) => errors.push(field(
+                            &path,
+                            "is not base64, as data values must be; put plain text under stringData instead",
+                        )),
+                        Some(_) => {}
                     }
                     keys.insert(k.clone());
                 }
@@ -442,5 +536,25 @@ pub fn external_secrets(annotations: &BTreeMap<String, String>) -> Option<BTreeS
                 .collect(),
         ),
         None => Some(BTreeSet::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn map_entries_of_rule_paths_are_bracketed() {
+        let schema = json!({"properties": {"spec": {"properties": {
+            "actions": {"additionalProperties": {"properties": {"path": {"type": "string"}}}},
+            "steps": {"items": {"properties": {"wait": {"type": "object"}}}}}}}});
+        assert_eq!(
+            super::map_keys_in_brackets(&schema, "spec.actions.getOrder.path"),
+            "spec.actions[getOrder].path"
+        );
+        assert_eq!(
+            super::map_keys_in_brackets(&schema, "spec.steps[2].wait"),
+            "spec.steps[2].wait"
+        );
     }
 }

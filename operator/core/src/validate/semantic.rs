@@ -18,7 +18,8 @@ use crate::cel::{self, Scope};
 #[derive(Default)]
 struct Namespace<'a> {
     connectors: BTreeMap<&'a str, (&'a Resource, &'a Connector)>,
-    policies: BTreeMap<&'a str, &'a ApprovalPolicy>,
+    /// Policies with the facts their rules read.
+    policies: BTreeMap<&'a str, BTreeSet<String>>,
     secrets: BTreeMap<&'a str, &'a BTreeSet<String>>,
 }
 
@@ -49,7 +50,7 @@ pub fn check_set(resources: &[Resource], declared: &Declared, out: &mut Vec<Diag
                 ns.connectors.insert(&r.name, (r, c));
             }
             Object::ApprovalPolicy(p) => {
-                ns.policies.insert(&r.name, p);
+                ns.policies.insert(&r.name, facts_read(p));
             }
             Object::Secret { keys } => {
                 ns.secrets.insert(&r.name, keys);
@@ -125,9 +126,13 @@ impl Cx<'_, '_> {
 }
 
 fn accepted<'k>(names: impl IntoIterator<Item = &'k str>) -> String {
+    accepted_or(names, "none are defined")
+}
+
+fn accepted_or<'k>(names: impl IntoIterator<Item = &'k str>, none: &str) -> String {
     let names: Vec<&str> = names.into_iter().collect();
     if names.is_empty() {
-        "none are defined".to_string()
+        none.to_string()
     } else {
         format!("accepted: {}", names.join(", "))
     }
@@ -272,7 +277,8 @@ struct StepEnv<'w> {
     /// Call steps, by name, with their position.
     calls: BTreeMap<&'w str, usize>,
     step_names: Vec<&'w str>,
-    vars: BTreeSet<&'w str>,
+    /// Variables, by name, with the position of the first step that sets them.
+    vars: BTreeMap<&'w str, usize>,
 }
 
 fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
@@ -304,8 +310,10 @@ fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
         vars: spec
             .steps
             .iter()
-            .filter_map(|s| s.set.as_ref())
-            .flat_map(|set| set.keys().map(String::as_str))
+            .enumerate()
+            .rev()
+            .filter_map(|(i, s)| s.set.as_ref().map(|set| (i, set)))
+            .flat_map(|(i, set)| set.keys().map(move |k| (k.as_str(), i)))
             .collect(),
     };
     for (i, step) in spec.steps.iter().enumerate() {
@@ -543,9 +551,21 @@ fn check_approval(
     i: usize,
     path: &str,
 ) {
-    if !ns.policies.contains_key(a.policy.as_str()) && !cx.is_declared("ApprovalPolicy", &a.policy)
-    {
-        cx.error(
+    match ns.policies.get(a.policy.as_str()) {
+        Some(read) => {
+            for fact in read.iter().filter(|f| !a.facts.contains_key(*f)) {
+                cx.error(
+                    format!("{path}.facts"),
+                    format!(
+                        "ApprovalPolicy {:?} reads facts.{fact}, which this approval does not provide; {}",
+                        a.policy,
+                        accepted(a.facts.keys().map(String::as_str))
+                    ),
+                );
+            }
+        }
+        None if cx.is_declared("ApprovalPolicy", &a.policy) => {}
+        None => cx.error(
             format!("{path}.policy"),
             format!(
                 "no ApprovalPolicy {:?} in namespace {:?}; {}",
@@ -553,7 +573,7 @@ fn check_approval(
                 cx.r.namespace,
                 accepted(ns.policies.keys().copied())
             ),
-        );
+        ),
     }
     if let Some(initiator) = &a.initiator {
         step_expr(
@@ -635,7 +655,7 @@ fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, sco
                 path,
                 format!(
                     "steps.{name} is not a call step that runs before this one, so it has no response here; {}",
-                    accepted(before)
+                    accepted_or(before, "no call step runs before this one")
                 ),
             );
         }
@@ -652,16 +672,33 @@ fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, sco
         }
     }
     for var in &refs.vars {
-        if !env.vars.contains(var.as_str()) {
+        if env.vars.get(var.as_str()).is_none_or(|&at| at >= i) {
+            let before: Vec<&str> = env
+                .vars
+                .iter()
+                .filter(|(_, at)| **at < i)
+                .map(|(n, _)| *n)
+                .collect();
             cx.error(
                 path,
                 format!(
-                    "vars.{var} is never set; {}",
-                    accepted(env.vars.iter().copied())
+                    "vars.{var} is not set by a step before this one; {}",
+                    accepted_or(before, "no step before this one sets a variable")
                 ),
             );
         }
     }
+}
+
+/// The facts a policy's rules read (rules that do not compile are reported
+/// on the policy itself).
+fn facts_read(p: &ApprovalPolicy) -> BTreeSet<String> {
+    p.spec
+        .rules
+        .iter()
+        .filter_map(|r| cel::compile(&r.when, Scope::Policy).ok())
+        .flat_map(|(_, refs)| refs.facts)
+        .collect()
 }
 
 fn check_policy(cx: &mut Cx, p: &ApprovalPolicy) {

@@ -1,0 +1,132 @@
+//! The invalid-manifest corpus: every file under `tests/invalid/` must be
+//! refused with exactly the errors its header announces.
+//!
+//! Header lines (comments at the top of the fixture):
+//!
+//! ```text
+//! # expect: spec.steps[2].call.action | has no action "createInvoce"
+//! # expect: - | malformed YAML          (`-` is the whole document)
+//! # expect-line: 7                      (optional: the line of the first error)
+//! ```
+//!
+//! Each `expect` names a field path and a fragment of the message; the
+//! fixture must produce one error per `expect`, and no other error.
+
+use std::path::{Path, PathBuf};
+
+use tallyman_core::validate::{self, Severity};
+
+struct Expect {
+    path: String,
+    fragment: String,
+}
+
+fn expectations(text: &str) -> (Vec<Expect>, Option<usize>) {
+    let mut expects = Vec::new();
+    let mut line = None;
+    for l in text.lines().take_while(|l| l.starts_with('#')) {
+        if let Some(rest) = l.strip_prefix("# expect:") {
+            let (path, fragment) = rest.split_once('|').expect("expect: PATH | FRAGMENT");
+            let path = path.trim();
+            expects.push(Expect {
+                path: if path == "-" {
+                    String::new()
+                } else {
+                    path.to_string()
+                },
+                fragment: fragment.trim().to_string(),
+            });
+        } else if let Some(n) = l.strip_prefix("# expect-line:") {
+            line = Some(n.trim().parse().expect("expect-line: N"));
+        }
+    }
+    (expects, line)
+}
+
+fn fixtures() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/invalid");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/invalid exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn every_invalid_manifest_is_refused_with_its_field_path() {
+    let files = fixtures();
+    assert!(
+        files.len() >= 40,
+        "the corpus has {} fixtures, want at least 40",
+        files.len()
+    );
+    let mut failures = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("fixture readable");
+        let (expects, line) = expectations(&text);
+        let name = file.file_name().unwrap().to_string_lossy();
+        if expects.is_empty() {
+            failures.push(format!("{name}: no `# expect:` header"));
+            continue;
+        }
+        let report = validate::validate_paths(std::slice::from_ref(file));
+        let errors: Vec<_> = report.errors().collect();
+        let shown = || {
+            errors
+                .iter()
+                .map(|e| format!("    {e}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        for x in &expects {
+            if !errors
+                .iter()
+                .any(|e| e.path == x.path && e.message.contains(&x.fragment))
+            {
+                failures.push(format!(
+                    "{name}: no error at {:?} containing {:?}; errors were:\n{}",
+                    x.path,
+                    x.fragment,
+                    shown()
+                ));
+            }
+        }
+        for e in &errors {
+            if !expects
+                .iter()
+                .any(|x| e.path == x.path && e.message.contains(&x.fragment))
+            {
+                failures.push(format!("{name}: unexpected error: {e}"));
+            }
+        }
+        if let (Some(want), Some(first)) = (line, errors.first())
+            && first.line != want
+        {
+            failures.push(format!(
+                "{name}: first error on line {}, want {want}",
+                first.line
+            ));
+        }
+        for e in &errors {
+            assert_eq!(e.severity, Severity::Error);
+            assert!(e.file.ends_with(&*name), "{e}");
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn the_examples_are_valid() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let report = validate::validate_paths(&[examples]);
+    let problems: Vec<String> = report.diagnostics.iter().map(|d| d.to_string()).collect();
+    assert!(report.read_errors.is_empty(), "{:?}", report.read_errors);
+    assert!(problems.is_empty(), "\n{}", problems.join("\n"));
+    assert!(
+        report.resources >= 4 * 4,
+        "only {} resources found",
+        report.resources
+    );
+}
