@@ -43,14 +43,19 @@ fn case(decisions: Value) -> Value {
 fn update(old: &Value, new: &Value) -> Vec<String> {
     match kube_cel::Validator::new().validate(&schema(), new, Some(old)) {
         Ok(()) => Vec::new(),
-        Err(errors) => errors.iter().map(|e| format!("{}: {}", e.field_path, e.message)).collect(),
+        Err(errors) => errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field_path, e.message))
+            .collect(),
     }
 }
 
 #[test]
 fn appending_a_decision_is_allowed() {
     let old = case(json!([]));
-    let new = case(json!([{"approver": "alice", "groups": ["finance-controllers"], "decision": "Approve"}]));
+    let new = case(
+        json!([{"approver": "alice", "groups": ["finance-controllers"], "decision": "Approve"}]),
+    );
     assert_eq!(update(&old, &new), Vec::<String>::new());
 }
 
@@ -60,7 +65,10 @@ fn the_worker_written_spec_is_immutable() {
     for (field, value) in [
         ("facts", json!({"amount": "1.00"})),
         ("initiator", json!("alice")),
-        ("required", json!({"groups": ["finance-controllers"], "count": 0})),
+        (
+            "required",
+            json!({"groups": ["finance-controllers"], "count": 0}),
+        ),
         ("deadline", json!("2030-01-01T00:00:00Z")),
         ("reason", json!("Other")),
     ] {
@@ -68,22 +76,31 @@ fn the_worker_written_spec_is_immutable() {
         new["spec"][field] = value;
         let errors = update(&old, &new);
         assert!(
-            errors.iter().any(|e| e.contains("only spec.decisions may change")),
+            errors
+                .iter()
+                .any(|e| e.contains("only spec.decisions may change")),
             "changing spec.{field} was admitted: {errors:?}"
         );
     }
     let mut new = old.clone();
     new["spec"].as_object_mut().unwrap().remove("deadline");
-    assert!(!update(&old, &new).is_empty(), "removing the deadline was admitted");
+    assert!(
+        !update(&old, &new).is_empty(),
+        "removing the deadline was admitted"
+    );
 }
 
 #[test]
 fn decisions_are_never_removed() {
-    let old = case(json!([{"approver": "alice", "groups": ["finance-controllers"], "decision": "Approve"}]));
+    let old = case(
+        json!([{"approver": "alice", "groups": ["finance-controllers"], "decision": "Approve"}]),
+    );
     let new = case(json!([]));
     let errors = update(&old, &new);
     assert!(
-        errors.iter().any(|e| e.contains("decisions can only be added")),
+        errors
+            .iter()
+            .any(|e| e.contains("decisions can only be added")),
         "{errors:?}"
     );
 }

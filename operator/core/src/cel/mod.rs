@@ -9,10 +9,16 @@
 //! | webhook `events[]`   | `payload`, `headers`, `now`                       |
 //! | policy `rules[].when`| `facts`, `reason`, `workflow`, `initiator`, `now` |
 
+pub mod finance;
+pub mod json;
+mod program;
+
 use std::collections::BTreeSet;
 
+use kube_cel::cel::Program as Parsed;
 use kube_cel::cel::common::ast::{EntryExpr, Expr, IdedExpr};
-pub use kube_cel::cel::{Context, Program};
+pub use kube_cel::cel::objects::Value;
+pub use program::{EvalError, Program, Vars};
 
 /// Where an expression stands, and so what it may refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,11 +201,11 @@ impl std::fmt::Display for ExpressionError {
 
 /// Parse `source` and check its variables and functions against `scope`.
 /// Returns the compiled program and what it refers to.
-pub fn compile(source: &str, scope: Scope) -> Result<(Program, References), ExpressionError> {
+pub fn compile(source: &str, scope: Scope) -> Result<(Parsed, References), ExpressionError> {
     if source.trim().is_empty() {
         return Err(ExpressionError("the expression is empty".into()));
     }
-    let program = Program::compile(source).map_err(|e| {
+    let program = Parsed::compile(source).map_err(|e| {
         let detail = e
             .errors
             .first()

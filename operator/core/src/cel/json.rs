@@ -1,0 +1,409 @@
+//! JSON in and out of CEL without losing a digit.
+//!
+//! `serde_json` reads every number with a fraction as an `f64`; amounts must
+//! not pass through a float. This reader turns integers into `int` (or
+//! `uint` above `i64::MAX`) and every number with a fraction or an exponent
+//! into a `decimal` holding exactly the digits written; the writer prints a
+//! decimal with exactly the digits it holds (`1250.10` stays `1250.10`).
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use kube_cel::cel::objects::{Key, Map, Value};
+
+use super::finance::{as_decimal, decimal_from_f64, decimal_value, parse_decimal};
+
+/// Why a JSON text or a value could not be converted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonError(pub String);
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for JsonError {}
+
+/// Nesting beyond this is refused, so hostile input cannot exhaust the stack.
+const MAX_DEPTH: usize = 128;
+
+/// Parse JSON text into a CEL value.
+pub fn parse(text: &[u8]) -> Result<Value, JsonError> {
+    let mut p = Parser { s: text, i: 0 };
+    p.ws();
+    let v = p.value(0)?;
+    p.ws();
+    if p.i != p.s.len() {
+        return Err(p.error("trailing characters after the JSON value"));
+    }
+    Ok(v)
+}
+
+struct Parser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Parser<'_> {
+    fn error(&self, what: &str) -> JsonError {
+        JsonError(format!("invalid JSON at byte {}: {what}", self.i))
+    }
+
+    fn ws(&mut self) {
+        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, lit: &[u8]) -> bool {
+        if self.s[self.i..].starts_with(lit) {
+            self.i += lit.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Value, JsonError> {
+        if depth > MAX_DEPTH {
+            return Err(self.error("nested too deeply"));
+        }
+        match self.s.get(self.i) {
+            None => Err(self.error("unexpected end")),
+            Some(b'{') => {
+                self.i += 1;
+                let mut map = HashMap::new();
+                self.ws();
+                if self.eat(b"}") {
+                    return Ok(Value::Map(Map { map: Arc::new(map) }));
+                }
+                loop {
+                    self.ws();
+                    if self.s.get(self.i) != Some(&b'"') {
+                        return Err(self.error("expected a string key"));
+                    }
+                    let key = self.string()?;
+                    self.ws();
+                    if !self.eat(b":") {
+                        return Err(self.error("expected ':'"));
+                    }
+                    self.ws();
+                    let v = self.value(depth + 1)?;
+                    map.insert(Key::String(Arc::new(key)), v);
+                    self.ws();
+                    if self.eat(b",") {
+                        continue;
+                    }
+                    if self.eat(b"}") {
+                        return Ok(Value::Map(Map { map: Arc::new(map) }));
+                    }
+                    return Err(self.error("expected ',' or '}'"));
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                self.ws();
+                if self.eat(b"]") {
+                    return Ok(Value::List(Arc::new(items)));
+                }
+                loop {
+                    self.ws();
+                    items.push(self.value(depth + 1)?);
+                    self.ws();
+                    if self.eat(b",") {
+                        continue;
+                    }
+                    if self.eat(b"]") {
+                        return Ok(Value::List(Arc::new(items)));
+                    }
+                    return Err(self.error("expected ',' or ']'"));
+                }
+            }
+            Some(b'"') => Ok(Value::String(Arc::new(self.string()?))),
+            Some(b't') if self.eat(b"true") => Ok(Value::Bool(true)),
+            Some(b'f') if self.eat(b"false") => Ok(Value::Bool(false)),
+            Some(b'n') if self.eat(b"null") => Ok(Value::Null),
+            Some(c) if *c == b'-' || c.is_ascii_digit() => self.number(),
+            Some(_) => Err(self.error("unexpected character")),
+        }
+    }
+
+    fn number(&mut self) -> Result<Value, JsonError> {
+        let start = self.i;
+        let digits = |p: &mut Self| {
+            let from = p.i;
+            while p.i < p.s.len() && p.s[p.i].is_ascii_digit() {
+                p.i += 1;
+            }
+            p.i > from
+        };
+        self.eat(b"-");
+        if !digits(self) {
+            return Err(self.error("a number needs digits"));
+        }
+        let mut integral = true;
+        if self.eat(b".") {
+            integral = false;
+            if !digits(self) {
+                return Err(self.error("a fraction needs digits"));
+            }
+        }
+        if self.i < self.s.len() && matches!(self.s[self.i], b'e' | b'E') {
+            integral = false;
+            self.i += 1;
+            if self.i < self.s.len() && matches!(self.s[self.i], b'+' | b'-') {
+                self.i += 1;
+            }
+            if !digits(self) {
+                return Err(self.error("an exponent needs digits"));
+            }
+        }
+        let text = std::str::from_utf8(&self.s[start..self.i]).expect("ASCII digits");
+        if integral {
+            if let Ok(i) = text.parse::<i64>() {
+                return Ok(Value::Int(i));
+            }
+            if let Ok(u) = text.parse::<u64>() {
+                return Ok(Value::UInt(u));
+            }
+        }
+        parse_decimal(text)
+            .map(decimal_value)
+            .map_err(|_| JsonError(format!("number {text} does not fit a decimal of 28 digits")))
+    }
+
+    fn string(&mut self) -> Result<String, JsonError> {
+        self.i += 1; // opening quote
+        let mut out = String::new();
+        loop {
+            let start = self.i;
+            while self.i < self.s.len()
+                && !matches!(self.s[self.i], b'"' | b'\\')
+                && self.s[self.i] >= 0x20
+            {
+                self.i += 1;
+            }
+            out.push_str(
+                std::str::from_utf8(&self.s[start..self.i])
+                    .map_err(|_| self.error("invalid UTF-8"))?,
+            );
+            match self.s.get(self.i) {
+                Some(b'"') => {
+                    self.i += 1;
+                    return Ok(out);
+                }
+                Some(b'\\') => {
+                    self.i += 1;
+                    let c = *self
+                        .s
+                        .get(self.i)
+                        .ok_or_else(|| self.error("unfinished escape"))?;
+                    self.i += 1;
+                    match c {
+                        b'"' => out.push('"'),
+                        b'\\' => out.push('\\'),
+                        b'/' => out.push('/'),
+                        b'b' => out.push('\u{8}'),
+                        b'f' => out.push('\u{c}'),
+                        b'n' => out.push('\n'),
+                        b'r' => out.push('\r'),
+                        b't' => out.push('\t'),
+                        b'u' => {
+                            let hi = self.hex4()?;
+                            let code = if (0xD800..0xDC00).contains(&hi) {
+                                if !self.eat(b"\\u") {
+                                    return Err(self.error("a high surrogate needs a low one"));
+                                }
+                                let lo = self.hex4()?;
+                                if !(0xDC00..0xE000).contains(&lo) {
+                                    return Err(self.error("invalid low surrogate"));
+                                }
+                                0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                            } else {
+                                hi
+                            };
+                            out.push(
+                                char::from_u32(code)
+                                    .ok_or_else(|| self.error("invalid code point"))?,
+                            );
+                        }
+                        _ => return Err(self.error("invalid escape")),
+                    }
+                }
+                Some(_) => return Err(self.error("control character in a string")),
+                None => return Err(self.error("unterminated string")),
+            }
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, JsonError> {
+        let digits = self
+            .s
+            .get(self.i..self.i + 4)
+            .ok_or_else(|| self.error("short \\u escape"))?;
+        let text = std::str::from_utf8(digits).map_err(|_| self.error("invalid \\u escape"))?;
+        let v = u32::from_str_radix(text, 16).map_err(|_| self.error("invalid \\u escape"))?;
+        self.i += 4;
+        Ok(v)
+    }
+}
+
+/// A CEL value as JSON text; decimals with exactly their digits.
+pub fn to_string(v: &Value) -> Result<String, JsonError> {
+    let mut out = String::new();
+    write(v, &mut out)?;
+    Ok(out)
+}
+
+/// Append a CEL value as JSON text to `out`.
+pub fn write(v: &Value, out: &mut String) -> Result<(), JsonError> {
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::UInt(u) => {
+            let _ = write!(out, "{u}");
+        }
+        Value::Float(f) => match decimal_from_f64(*f) {
+            Some(d) => {
+                let _ = write!(out, "{d}");
+            }
+            None => return Err(JsonError(format!("{f} has no JSON representation"))),
+        },
+        Value::String(s) => string(s, out),
+        Value::List(items) => {
+            out.push('[');
+            for (n, item) in items.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                write(item, out)?;
+            }
+            out.push(']');
+        }
+        Value::Map(map) => {
+            // Sorted keys: the same value always gives the same text, which
+            // idempotency keys and content hashes rely on.
+            let mut entries: Vec<(String, &Value)> = map
+                .map
+                .iter()
+                .map(|(k, v)| {
+                    let k = match k {
+                        Key::String(s) => s.to_string(),
+                        Key::Int(i) => i.to_string(),
+                        Key::Uint(u) => u.to_string(),
+                        Key::Bool(b) => b.to_string(),
+                    };
+                    (k, v)
+                })
+                .collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            out.push('{');
+            for (n, (k, v)) in entries.iter().enumerate() {
+                if n > 0 {
+                    out.push(',');
+                }
+                string(k, out);
+                out.push(':');
+                write(v, out)?;
+            }
+            out.push('}');
+        }
+        Value::Timestamp(t) => string(&t.to_rfc3339(), out),
+        Value::Duration(d) => string(&format!("{}s", d.num_milliseconds() as f64 / 1000.0), out),
+        other => match as_decimal(other) {
+            Some(d) => {
+                let _ = write!(out, "{d}");
+            }
+            None => return Err(JsonError(format!("{other:?} has no JSON representation"))),
+        },
+    }
+    Ok(())
+}
+
+fn string(s: &str, out: &mut String) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// A `serde_json` value (already parsed, so its fractions are floats) as a
+/// CEL value; each float becomes the decimal of its shortest text.
+pub fn from_serde(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                n.as_f64()
+                    .and_then(decimal_from_f64)
+                    .map_or(Value::Null, decimal_value)
+            }
+        }
+        serde_json::Value::String(s) => Value::String(Arc::new(s.clone())),
+        serde_json::Value::Array(items) => {
+            Value::List(Arc::new(items.iter().map(from_serde).collect()))
+        }
+        serde_json::Value::Object(map) => Value::Map(Map {
+            map: Arc::new(
+                map.iter()
+                    .map(|(k, v)| (Key::String(Arc::new(k.clone())), from_serde(v)))
+                    .collect(),
+            ),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_keep_every_digit() {
+        let v = parse(br#"{"qty": 3, "price": 1250.10, "big": 18446744073709551615, "tiny": 1e-2, "s": "a\"\u00e9\ud83d\ude00"}"#)
+            .unwrap();
+        assert_eq!(
+            to_string(&v).unwrap(),
+            r#"{"big":18446744073709551615,"price":1250.10,"qty":3,"s":"a\"é😀","tiny":0.01}"#
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_refused() {
+        for bad in [
+            &b"{"[..],
+            b"[1,]",
+            b"{\"a\" 1}",
+            b"01x",
+            b"\"\\x\"",
+            b"1.",
+            b"-",
+            b"[] []",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(parse(deep.as_bytes()).is_err());
+    }
+}
