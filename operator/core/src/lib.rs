@@ -2,6 +2,7 @@
 //! they are written in Git, their validation, and the CEL environments every
 //! expression is checked and compiled in.
 
+pub mod audit;
 pub mod cel;
 pub mod crdgen;
 pub mod manifest;
