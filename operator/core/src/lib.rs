@@ -6,6 +6,7 @@ pub mod audit;
 pub mod cel;
 pub mod crdgen;
 pub mod manifest;
+pub mod policy;
 pub mod reference;
 pub mod schema;
 pub mod validate;

@@ -34,7 +34,7 @@ use super::policy::Approvers;
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = Rule::new("self.workflow == oldSelf.workflow && self.key == oldSelf.key && self.revision == oldSelf.revision && self.reason == oldSelf.reason && self.facts == oldSelf.facts && self.initiator == oldSelf.initiator && self.policy == oldSelf.policy && self.rule == oldSelf.rule && self.required == oldSelf.required && self.segregationOfDuties == oldSelf.segregationOfDuties && has(self.deadline) == has(oldSelf.deadline) && (!has(self.deadline) || self.deadline == oldSelf.deadline)").message("only spec.decisions may change; the rest of the case is written once by the worker"))]
+#[x_kube(validation = Rule::new("self.workflow == oldSelf.workflow && self.key == oldSelf.key && self.revision == oldSelf.revision && self.reason == oldSelf.reason && self.facts == oldSelf.facts && self.initiator == oldSelf.initiator && self.policy == oldSelf.policy && self.rule == oldSelf.rule && self.required == oldSelf.required && self.segregationOfDuties == oldSelf.segregationOfDuties && has(self.escalateTo) == has(oldSelf.escalateTo) && (!has(self.escalateTo) || self.escalateTo == oldSelf.escalateTo) && has(self.deadline) == has(oldSelf.deadline) && (!has(self.deadline) || self.deadline == oldSelf.deadline)").message("only spec.decisions may change; the rest of the case is written once by the worker"))]
 #[serde(rename_all = "camelCase")]
 pub struct ExceptionCaseSpec {
     /// The Workflow whose instance is paused.
@@ -64,6 +64,9 @@ pub struct ExceptionCaseSpec {
     /// When the policy's expiry applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Time>,
+    /// Who decides once the case is escalated (from the policy's expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escalate_to: Option<Approvers>,
     /// Decisions, appended one at a time by approvers.
     #[serde(default)]
     #[schemars(length(max = 32))]
@@ -127,6 +130,9 @@ pub struct ExceptionCaseStatus {
     /// When the case was decided, expired or escalated last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolved_at: Option<Time>,
+    /// The deadline in force: the spec's, or the escalation's once escalated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Time>,
     /// A sentence on the outcome.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
