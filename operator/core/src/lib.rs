@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod cel;
 pub mod crdgen;
+pub mod engine;
 pub mod manifest;
 pub mod policy;
 pub mod reference;

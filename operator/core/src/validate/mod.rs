@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::manifest::{self, Loaded, ReadError};
 
-pub use document::Resource;
+pub use document::{Object, Resource};
 
 /// Annotation on a Connector naming Secrets that are managed outside the
 /// manifests (`"true"` for all of them, or a comma-separated list of names).

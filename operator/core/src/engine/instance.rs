@@ -1,0 +1,188 @@
+//! The durable state of one workflow instance, stored as one JSON document
+//! per instance key (JetStream KV, compare-and-set on its revision).
+//!
+//! Event data, responses and variables are kept as JSON text written by
+//! [`crate::cel::json`], so every decimal keeps its digits across restarts.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tallyman_api::v1alpha1::Approvers;
+
+use crate::audit::{AuditRecord, GENESIS};
+
+/// How many applied event ids an instance remembers for deduplication.
+pub const APPLIED_IDS: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Status {
+    Running,
+    Completed,
+    Rejected,
+    Failed,
+}
+
+/// A canonical event, as the gateway publishes it (CloudEvents attribute names).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub time: String,
+    /// The event's data as JSON text.
+    pub data: String,
+}
+
+/// What an instance waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "for")]
+pub enum Wait {
+    /// The events of an `await` step; `timer` is set when it has a timeout.
+    Events { timer: Option<String> },
+    /// A `wait` step's timer.
+    Timer { timer: String },
+    /// People deciding a case.
+    Case { name: String, during: Phase },
+    /// A failed call waiting for a person to retry (approve) or give up (reject).
+    FailedCall { case: String },
+}
+
+/// Where in a step an approval stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// The step is an `approval` step.
+    Step,
+    /// The approval of the step's `onFalse` route.
+    OnFalse,
+    /// The approval of the step's `await.onTimeout` route.
+    OnTimeout,
+    /// The approval of the step's `call.onFailure` route.
+    OnFailure,
+}
+
+/// Work to do after the state that produced it is stored: publish, open,
+/// schedule. Each item has a deterministic identity, so doing it twice after
+/// a crash is harmless.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Outbound {
+    Emit {
+        msg_id: String,
+        #[serde(rename = "type")]
+        type_: String,
+        /// JSON text of the event's data.
+        data: String,
+    },
+    Audit(Box<AuditRecord>),
+    OpenCase(Box<CaseRequest>),
+    Timer {
+        token: String,
+        due_ms: i64,
+    },
+    DeadLetter {
+        msg_id: String,
+        step: String,
+        reason: String,
+    },
+}
+
+/// A case the instance asks people to decide.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaseRequest {
+    pub name: String,
+    pub workflow: String,
+    pub key: String,
+    pub revision: String,
+    pub reason: String,
+    /// Facts as JSON; decimals as strings, so nothing reads them as floats.
+    pub facts: serde_json::Map<String, serde_json::Value>,
+    pub initiator: String,
+    pub policy: String,
+    pub rule: String,
+    pub required: Approvers,
+    pub exclude_initiator: bool,
+    pub distinct_approvers: bool,
+    pub deadline_ms: Option<i64>,
+    pub escalate_to: Option<Approvers>,
+    /// Whether the instance waits for the case (an SLA breach case does not).
+    pub blocking: bool,
+}
+
+/// One workflow instance.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Instance {
+    pub key: String,
+    pub revision: String,
+    pub status: Status,
+    /// Index of the current step; equal to the number of steps when done.
+    pub step: usize,
+    pub wait: Option<Wait>,
+    /// The latest event of each type.
+    pub events: BTreeMap<String, Event>,
+    /// The type of the event that last woke the instance (`event` in CEL).
+    pub woke_by: Option<String>,
+    /// Recently applied event ids, oldest first.
+    pub applied: VecDeque<String>,
+    /// Call step name → JSON text `{"status", "headers", "body"}`.
+    pub responses: BTreeMap<String, String>,
+    /// Variable name → JSON text.
+    pub vars: BTreeMap<String, String>,
+    pub started_ms: i64,
+    pub updated_ms: i64,
+    pub sla_due_ms: Option<i64>,
+    pub sla_timer: Option<String>,
+    pub sla_breached: bool,
+    /// Counter behind timer tokens, emit ids and case names.
+    pub seq: u64,
+    pub audit_seq: u64,
+    pub audit_hash: String,
+    /// Why the instance ended, when it did not complete.
+    pub outcome: Option<String>,
+    pub outbox: Vec<Outbound>,
+}
+
+impl Instance {
+    pub fn new(key: &str, revision: &str, now_ms: i64) -> Self {
+        Self {
+            key: key.to_string(),
+            revision: revision.to_string(),
+            status: Status::Running,
+            step: 0,
+            wait: None,
+            events: BTreeMap::new(),
+            woke_by: None,
+            applied: VecDeque::new(),
+            responses: BTreeMap::new(),
+            vars: BTreeMap::new(),
+            started_ms: now_ms,
+            updated_ms: now_ms,
+            sla_due_ms: None,
+            sla_timer: None,
+            sla_breached: false,
+            seq: 0,
+            audit_seq: 0,
+            audit_hash: GENESIS.to_string(),
+            outcome: None,
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Whether an event with this id was applied already.
+    pub fn has_applied(&self, id: &str) -> bool {
+        self.applied.iter().any(|a| a == id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.status == Status::Running
+    }
+
+    pub(crate) fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+}

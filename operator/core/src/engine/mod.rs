@@ -1,0 +1,986 @@
+//! The step machine: pure, deterministic given its inputs and the clock.
+//!
+//! ```text
+//!            ┌──────────── Input::Event / Timer / CaseResolved ────────────┐
+//!            ▼                                                             │
+//!   load Instance ─▶ Machine::apply ─▶ Next::Call(plan) ─▶ runtime calls ─▶ Input::CallDone
+//!                         │
+//!                         └─▶ Next::Idle ─▶ runtime stores the Instance (CAS), then publishes
+//!                                           its outbox (audit, emits, cases, timers), then acks
+//! ```
+//!
+//! The machine never performs I/O. Calls are the only effect needed before
+//! the state is stored; they carry deterministic idempotency keys, so a
+//! crash between a call and the store repeats the call with the same key.
+//! Everything else goes through the instance's outbox with a deterministic
+//! identity and is published after the store.
+
+mod definition;
+mod instance;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use kube_cel::cel::objects::{Key, Map};
+use sha2::{Digest, Sha256};
+use tallyman_api::v1alpha1::{Approvers, EndState};
+
+pub use definition::*;
+pub use instance::*;
+
+use crate::audit::{AuditKind, Chain};
+use crate::cel::{EvalError, Program, Value, Vars, finance, json};
+use crate::policy::Ruling;
+
+/// What wakes an instance.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Input {
+    Event(Event),
+    Timer {
+        token: String,
+    },
+    CaseResolved {
+        name: String,
+        approved: bool,
+        detail: String,
+    },
+    CallDone(CallResult),
+    LookupDone(CallResult),
+}
+
+/// What the runtime must do next for this instance.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Next {
+    /// Nothing until the next input: store the state.
+    Idle,
+    /// Perform this call, then apply `Input::CallDone`.
+    Call(CallPlan),
+    /// Look up an earlier result, then apply `Input::LookupDone`.
+    Lookup(CallPlan),
+}
+
+/// A REST call to make.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CallPlan {
+    pub step: String,
+    pub connector: String,
+    pub action: String,
+    pub params: BTreeMap<String, String>,
+    /// JSON text of the request body.
+    pub body: Option<String>,
+    pub idempotency_key: String,
+}
+
+/// What a call came back with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CallResult {
+    Response {
+        status: u16,
+        headers: BTreeMap<String, String>,
+        /// The raw body text.
+        body: String,
+        attempts: u32,
+    },
+    Failed {
+        message: String,
+        status: Option<u16>,
+        attempts: u32,
+    },
+}
+
+/// Runs one instance's steps on one compiled definition.
+pub struct Machine<'a> {
+    def: &'a Compiled,
+    now: DateTime<Utc>,
+}
+
+type Step<T> = Result<T, EvalError>;
+
+impl<'a> Machine<'a> {
+    pub fn new(def: &'a Compiled, now: DateTime<Utc>) -> Self {
+        Self { def, now }
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.now.timestamp_millis()
+    }
+
+    /// Apply one input and run until the instance blocks.
+    pub fn apply(&self, inst: &mut Instance, input: Input) -> Next {
+        inst.updated_ms = self.now_ms();
+        if inst.audit_seq == 0 {
+            self.start(inst);
+        }
+        match self.handle(inst, input).and_then(|n| match n {
+            Some(next) => Ok(next),
+            None => self.run(inst),
+        }) {
+            Ok(next) => next,
+            Err(e) => {
+                let step = self.step_name(inst);
+                let reason = format!("step {step}: {e}");
+                let msg_id = format!("{}/dlq/{}", self.id_prefix(inst), inst.next_seq());
+                inst.outbox.push(Outbound::DeadLetter {
+                    msg_id,
+                    step,
+                    reason: reason.clone(),
+                });
+                self.end(inst, EndState::Failed, reason);
+                Next::Idle
+            }
+        }
+    }
+
+    fn start(&self, inst: &mut Instance) {
+        self.audit(
+            inst,
+            AuditKind::InstanceStarted,
+            None,
+            serde_json::json!({}),
+        );
+        if let Some(sla) = self.def.sla {
+            let due = self.now_ms() + sla.as_millis() as i64;
+            let token = self.timer(inst, due);
+            inst.sla_due_ms = Some(due);
+            inst.sla_timer = Some(token);
+        }
+    }
+
+    /// Handle the input; `Some(next)` short-circuits the run loop.
+    fn handle(&self, inst: &mut Instance, input: Input) -> Step<Option<Next>> {
+        match input {
+            Input::Event(ev) => {
+                if inst.has_applied(&ev.id) {
+                    return Ok(Some(Next::Idle));
+                }
+                inst.applied.push_back(ev.id.clone());
+                while inst.applied.len() > APPLIED_IDS {
+                    inst.applied.pop_front();
+                }
+                if !inst.is_running() {
+                    return Ok(Some(Next::Idle));
+                }
+                self.audit(
+                    inst,
+                    AuditKind::EventApplied,
+                    None,
+                    serde_json::json!({"id": ev.id, "type": ev.type_}),
+                );
+                inst.woke_by = Some(ev.type_.clone());
+                inst.events.insert(ev.type_.clone(), ev);
+                if let Some(Wait::Events { .. }) = inst.wait
+                    && self.awaited_present(inst)
+                {
+                    inst.wait = None;
+                    self.complete_step(inst, serde_json::json!({}));
+                }
+                Ok(None)
+            }
+            Input::Timer { token } => {
+                if inst.sla_timer.as_deref() == Some(&token) {
+                    inst.sla_timer = None;
+                    if inst.is_running() && !inst.sla_breached {
+                        inst.sla_breached = true;
+                        self.audit(inst, AuditKind::SlaBreached, None, serde_json::json!({}));
+                        if self.def.sla_exception {
+                            self.open_info_case(inst, "SlaBreached");
+                        }
+                    }
+                    return Ok(Some(Next::Idle));
+                }
+                match inst.wait.clone() {
+                    Some(Wait::Events { timer: Some(t) }) if t == token => {
+                        inst.wait = None;
+                        self.audit(
+                            inst,
+                            AuditKind::TimerFired,
+                            Some(self.step_name(inst)),
+                            serde_json::json!({"timeout": true}),
+                        );
+                        let route = match &self.current(inst).kind {
+                            CKind::Await { on_timeout, .. } => on_timeout.as_ref(),
+                            _ => None,
+                        };
+                        self.take_route(
+                            inst,
+                            route,
+                            Phase::OnTimeout,
+                            "the awaited events did not arrive in time",
+                        )?;
+                        Ok(None)
+                    }
+                    Some(Wait::Timer { timer }) if timer == token => {
+                        inst.wait = None;
+                        self.audit(
+                            inst,
+                            AuditKind::TimerFired,
+                            Some(self.step_name(inst)),
+                            serde_json::json!({}),
+                        );
+                        self.complete_step(inst, serde_json::json!({}));
+                        Ok(None)
+                    }
+                    _ => Ok(Some(Next::Idle)),
+                }
+            }
+            Input::CaseResolved {
+                name,
+                approved,
+                detail,
+            } => match inst.wait.clone() {
+                Some(Wait::Case { name: n, during }) if n == name => {
+                    inst.wait = None;
+                    let kind = if approved {
+                        AuditKind::CaseApproved
+                    } else {
+                        AuditKind::CaseRejected
+                    };
+                    self.audit(
+                        inst,
+                        kind,
+                        Some(self.step_name(inst)),
+                        serde_json::json!({"case": name, "detail": detail}),
+                    );
+                    if approved {
+                        self.approved(inst, during)?;
+                    } else {
+                        self.rejected(inst, during)?;
+                    }
+                    Ok(None)
+                }
+                Some(Wait::FailedCall { case }) if case == name => {
+                    inst.wait = None;
+                    let kind = if approved {
+                        AuditKind::CaseApproved
+                    } else {
+                        AuditKind::CaseRejected
+                    };
+                    self.audit(
+                        inst,
+                        kind,
+                        Some(self.step_name(inst)),
+                        serde_json::json!({"case": name, "detail": detail}),
+                    );
+                    if !approved {
+                        self.end(
+                            inst,
+                            EndState::Failed,
+                            format!("the failed call was not retried: {detail}"),
+                        );
+                    }
+                    // Approved: the run loop plans the call again.
+                    Ok(None)
+                }
+                _ => Ok(Some(Next::Idle)),
+            },
+            Input::CallDone(result) => self.call_done(inst, result).map(|_| None),
+            Input::LookupDone(result) => {
+                let CKind::Call(call) = &self.current(inst).kind else {
+                    return Ok(Some(Next::Idle));
+                };
+                let found = match (&result, &call.lookup) {
+                    (CallResult::Response { .. }, Some(lookup)) => {
+                        let mut vars = self.vars(inst)?;
+                        vars.set("response", response_value(&result)?);
+                        lookup.found.eval_bool(&vars)?
+                    }
+                    _ => false,
+                };
+                if found {
+                    self.call_done(inst, result)?;
+                    Ok(None)
+                } else {
+                    Ok(Some(Next::Call(self.plan(inst, call, false)?)))
+                }
+            }
+        }
+    }
+
+    /// Run steps until the instance waits, needs a call, or ends.
+    fn run(&self, inst: &mut Instance) -> Step<Next> {
+        loop {
+            if !inst.is_running() || inst.wait.is_some() {
+                return Ok(Next::Idle);
+            }
+            if inst.step >= self.def.steps.len() {
+                self.end(inst, EndState::Completed, String::new());
+                return Ok(Next::Idle);
+            }
+            let s = self.current(inst);
+            if let Some(when) = &s.when
+                && !when.eval_bool(&self.vars(inst)?)?
+            {
+                self.audit(
+                    inst,
+                    AuditKind::StepSkipped,
+                    Some(s.name.clone()),
+                    serde_json::json!({}),
+                );
+                inst.step += 1;
+                continue;
+            }
+            match &s.kind {
+                CKind::Await { timeout, .. } => {
+                    if self.awaited_present(inst) {
+                        self.complete_step(inst, serde_json::json!({}));
+                    } else {
+                        let timer =
+                            timeout.map(|t| self.timer(inst, self.now_ms() + t.as_millis() as i64));
+                        inst.wait = Some(Wait::Events { timer });
+                    }
+                }
+                CKind::Call(call) => {
+                    return Ok(if call.lookup.is_some() {
+                        Next::Lookup(self.plan(inst, call, true)?)
+                    } else {
+                        Next::Call(self.plan(inst, call, false)?)
+                    });
+                }
+                CKind::Check { cond, on_false } => {
+                    if cond.eval_bool(&self.vars(inst)?)? {
+                        self.complete_step(inst, serde_json::json!({"check": true}));
+                    } else {
+                        self.audit(
+                            inst,
+                            AuditKind::CheckFailed,
+                            Some(s.name.clone()),
+                            serde_json::json!({}),
+                        );
+                        self.take_route(
+                            inst,
+                            on_false.as_ref(),
+                            Phase::OnFalse,
+                            "the check did not hold",
+                        )?;
+                    }
+                }
+                CKind::Approval(a) => self.ask(inst, a, Phase::Step)?,
+                CKind::Emit(e) => {
+                    self.emit(inst, e)?;
+                    self.complete_step(inst, serde_json::json!({}));
+                }
+                CKind::Set(vars) => {
+                    let env = self.vars(inst)?;
+                    let mut values = Vec::new();
+                    for (name, program) in vars {
+                        values.push((name.clone(), to_json(program, &program.eval(&env)?)?));
+                    }
+                    inst.vars.extend(values);
+                    self.complete_step(inst, serde_json::json!({}));
+                }
+                CKind::Wait { for_, until } => {
+                    let due = match (for_, until) {
+                        (Some(d), _) => self.now_ms() + d.as_millis() as i64,
+                        (None, Some(u)) => match u.eval(&self.vars(inst)?)? {
+                            Value::Timestamp(t) => t.timestamp_millis(),
+                            other => {
+                                return Err(EvalError {
+                                    expression: u.source().to_string(),
+                                    message: format!(
+                                        "wait.until must give a timestamp, got {other:?}"
+                                    ),
+                                });
+                            }
+                        },
+                        (None, None) => self.now_ms(),
+                    };
+                    if due <= self.now_ms() {
+                        self.complete_step(inst, serde_json::json!({}));
+                    } else {
+                        let timer = self.timer(inst, due);
+                        inst.wait = Some(Wait::Timer { timer });
+                    }
+                }
+            }
+        }
+    }
+
+    fn current(&self, inst: &Instance) -> &'a CStep {
+        &self.def.steps[inst.step.min(self.def.steps.len() - 1)]
+    }
+
+    fn step_name(&self, inst: &Instance) -> String {
+        self.def
+            .steps
+            .get(inst.step)
+            .map(|s| s.name.clone())
+            .unwrap_or_else(|| "end".into())
+    }
+
+    fn awaited_present(&self, inst: &Instance) -> bool {
+        match &self.current(inst).kind {
+            CKind::Await { events, .. } => events.iter().all(|e| inst.events.contains_key(e)),
+            _ => false,
+        }
+    }
+
+    fn complete_step(&self, inst: &mut Instance, detail: serde_json::Value) {
+        let name = self.step_name(inst);
+        self.audit(inst, AuditKind::StepCompleted, Some(name), detail);
+        inst.step += 1;
+    }
+
+    fn plan(&self, inst: &Instance, call: &CCall, lookup: bool) -> Step<CallPlan> {
+        let vars = self.vars(inst)?;
+        let params_of = |params: &[(String, Program)]| -> Step<BTreeMap<String, String>> {
+            params
+                .iter()
+                .map(|(k, p)| Ok((k.clone(), p.eval_key(&vars)?)))
+                .collect()
+        };
+        let (action, params) = match (&call.lookup, lookup) {
+            (Some(l), true) => (l.action.clone(), params_of(&l.params)?),
+            _ => (call.action.clone(), params_of(&call.params)?),
+        };
+        let body = match (&call.body, lookup) {
+            (Some(b), false) => Some(to_json(b, &b.eval(&vars)?)?),
+            _ => None,
+        };
+        let idempotency_key = match &call.idempotency_key {
+            Some(k) => k.eval_key(&vars)?,
+            None => format!("{}/{}", self.id_prefix(inst), self.step_name(inst)),
+        };
+        Ok(CallPlan {
+            step: self.step_name(inst),
+            connector: call.connector.clone(),
+            action,
+            params,
+            body,
+            idempotency_key,
+        })
+    }
+
+    fn call_done(&self, inst: &mut Instance, result: CallResult) -> Step<()> {
+        let name = self.step_name(inst);
+        match &result {
+            CallResult::Response {
+                status, attempts, ..
+            } => {
+                let response =
+                    json::to_string(&response_value(&result)?).map_err(|e| EvalError {
+                        expression: name.clone(),
+                        message: e.0,
+                    })?;
+                inst.responses.insert(name.clone(), response);
+                self.audit(
+                    inst,
+                    AuditKind::CallSucceeded,
+                    Some(name),
+                    serde_json::json!({"status": status, "attempts": attempts}),
+                );
+                inst.step += 1;
+            }
+            CallResult::Failed {
+                message,
+                status,
+                attempts,
+            } => {
+                self.audit(
+                    inst,
+                    AuditKind::CallFailed,
+                    Some(name.clone()),
+                    serde_json::json!({"status": status, "attempts": attempts, "message": message}),
+                );
+                let CKind::Call(call) = &self.current(inst).kind else {
+                    return Ok(());
+                };
+                if call.on_failure.is_some() {
+                    self.take_route(inst, call.on_failure.as_ref(), Phase::OnFailure, message)?;
+                } else {
+                    // Visible failure: a dead letter, and a case a person can
+                    // approve (retry the call) or reject (fail the instance).
+                    let msg_id = format!("{}/dlq/{}", self.id_prefix(inst), inst.next_seq());
+                    inst.outbox.push(Outbound::DeadLetter {
+                        msg_id,
+                        step: name.clone(),
+                        reason: message.clone(),
+                    });
+                    self.audit(
+                        inst,
+                        AuditKind::DeadLettered,
+                        Some(name),
+                        serde_json::json!({"message": message}),
+                    );
+                    let case = self.open_info_case(inst, "CallFailed");
+                    inst.wait = Some(Wait::FailedCall { case });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Ask the approval's policy; open a case when people must decide.
+    fn ask(&self, inst: &mut Instance, a: &CApproval, during: Phase) -> Step<()> {
+        let vars = self.vars(inst)?;
+        let mut facts = std::collections::HashMap::new();
+        let mut facts_json = serde_json::Map::new();
+        for (name, program) in &a.facts {
+            let v = program.eval(&vars)?;
+            facts_json.insert(name.clone(), fact_json(&v));
+            facts.insert(Key::String(Arc::new(name.clone())), v);
+        }
+        let facts = Value::Map(Map {
+            map: Arc::new(facts),
+        });
+        let initiator = match &a.initiator {
+            Some(p) => p.eval_key(&vars)?,
+            None => inst
+                .woke_by
+                .as_ref()
+                .and_then(|t| inst.events.get(t))
+                .map(|e| e.source.clone())
+                .unwrap_or_default(),
+        };
+        let policy = self.def.policies.get(&a.policy).ok_or_else(|| EvalError {
+            expression: a.policy.clone(),
+            message: format!(
+                "ApprovalPolicy {:?} is not part of the definition",
+                a.policy
+            ),
+        })?;
+        let ruling = policy.evaluate(
+            &facts,
+            &a.reason,
+            &self.def.def.workflow,
+            &initiator,
+            self.now,
+        )?;
+        let step = Some(self.step_name(inst));
+        match ruling {
+            Ruling::AutoApprove { rule } => {
+                self.audit(
+                    inst,
+                    AuditKind::CaseApproved,
+                    step,
+                    serde_json::json!({"policy": a.policy, "rule": rule, "auto": true}),
+                );
+                self.approved(inst, during)
+            }
+            Ruling::AutoReject { rule } => {
+                self.audit(
+                    inst,
+                    AuditKind::CaseRejected,
+                    step,
+                    serde_json::json!({"policy": a.policy, "rule": rule, "auto": true}),
+                );
+                self.rejected(inst, during)
+            }
+            Ruling::NoRuleMatched => {
+                self.audit(
+                    inst,
+                    AuditKind::CaseRejected,
+                    step,
+                    serde_json::json!({"policy": a.policy, "rule": null, "auto": true}),
+                );
+                self.rejected(inst, during)
+            }
+            Ruling::RequireApproval { rule, approvers } => {
+                let (deadline, escalate_to) = policy.expiry(self.now);
+                let sod = &policy.spec.segregation_of_duties;
+                let name = self.case_name(inst);
+                let request = CaseRequest {
+                    name: name.clone(),
+                    workflow: self.def.def.workflow.clone(),
+                    key: inst.key.clone(),
+                    revision: inst.revision.clone(),
+                    reason: a.reason.clone(),
+                    facts: facts_json,
+                    initiator,
+                    policy: a.policy.clone(),
+                    rule,
+                    required: approvers,
+                    exclude_initiator: sod.exclude_initiator,
+                    distinct_approvers: sod.distinct_approvers,
+                    deadline_ms: deadline.map(|d| d.timestamp_millis()),
+                    escalate_to,
+                    blocking: true,
+                };
+                self.audit(
+                    inst,
+                    AuditKind::CaseOpened,
+                    step,
+                    serde_json::json!({"case": name, "policy": a.policy, "rule": request.rule}),
+                );
+                inst.outbox.push(Outbound::OpenCase(Box::new(request)));
+                inst.wait = Some(Wait::Case { name, during });
+                Ok(())
+            }
+        }
+    }
+
+    /// A case with no policy behind it: anyone may decide (failed calls, SLA breaches).
+    fn open_info_case(&self, inst: &mut Instance, reason: &str) -> String {
+        let name = self.case_name(inst);
+        let request = CaseRequest {
+            name: name.clone(),
+            workflow: self.def.def.workflow.clone(),
+            key: inst.key.clone(),
+            revision: inst.revision.clone(),
+            reason: reason.to_string(),
+            facts: serde_json::Map::new(),
+            initiator: "tallyman".into(),
+            policy: String::new(),
+            rule: String::new(),
+            required: Approvers {
+                groups: Vec::new(),
+                count: 1,
+            },
+            exclude_initiator: false,
+            distinct_approvers: true,
+            deadline_ms: None,
+            escalate_to: None,
+            blocking: reason != "SlaBreached",
+        };
+        self.audit(
+            inst,
+            AuditKind::CaseOpened,
+            Some(self.step_name(inst)),
+            serde_json::json!({"case": name, "reason": reason}),
+        );
+        inst.outbox.push(Outbound::OpenCase(Box::new(request)));
+        name
+    }
+
+    fn approval_of(&self, inst: &Instance, during: Phase) -> Option<&'a CApproval> {
+        let kind = &self.current(inst).kind;
+        match (during, kind) {
+            (Phase::Step, CKind::Approval(a)) => Some(a),
+            (Phase::OnFalse, CKind::Check { on_false, .. }) => on_false.as_ref()?.approval.as_ref(),
+            (Phase::OnTimeout, CKind::Await { on_timeout, .. }) => {
+                on_timeout.as_ref()?.approval.as_ref()
+            }
+            (Phase::OnFailure, CKind::Call(c)) => c.on_failure.as_ref()?.approval.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn route_of(&self, inst: &Instance, during: Phase) -> Option<&'a CRoute> {
+        match (during, &self.current(inst).kind) {
+            (Phase::OnFalse, CKind::Check { on_false, .. }) => on_false.as_ref(),
+            (Phase::OnTimeout, CKind::Await { on_timeout, .. }) => on_timeout.as_ref(),
+            (Phase::OnFailure, CKind::Call(c)) => c.on_failure.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn approved(&self, inst: &mut Instance, during: Phase) -> Step<()> {
+        match during {
+            Phase::Step => {
+                self.complete_step(inst, serde_json::json!({"approved": true}));
+                Ok(())
+            }
+            _ => {
+                let route = self.route_of(inst, during);
+                self.finish_route(inst, route)
+            }
+        }
+    }
+
+    fn rejected(&self, inst: &mut Instance, during: Phase) -> Step<()> {
+        match self.approval_of(inst, during) {
+            Some(a) => self.outcome(inst, &a.on_rejected, "the approval was rejected"),
+            None => {
+                self.end(inst, EndState::Rejected, "the approval was rejected".into());
+                Ok(())
+            }
+        }
+    }
+
+    fn take_route(
+        &self,
+        inst: &mut Instance,
+        route: Option<&'a CRoute>,
+        during: Phase,
+        why: &str,
+    ) -> Step<()> {
+        match route {
+            None => {
+                let step = self.step_name(inst);
+                self.end(inst, EndState::Failed, format!("step {step}: {why}"));
+                Ok(())
+            }
+            Some(r) => match &r.approval {
+                Some(a) => self.ask(inst, a, during),
+                None => self.finish_route(inst, Some(r)),
+            },
+        }
+    }
+
+    fn finish_route(&self, inst: &mut Instance, route: Option<&'a CRoute>) -> Step<()> {
+        let Some(r) = route else {
+            inst.step += 1;
+            return Ok(());
+        };
+        if let Some(e) = &r.emit {
+            self.emit(inst, e)?;
+        }
+        match (r.go_to, r.end) {
+            (Some(to), _) => inst.step = to,
+            (None, Some(end)) => {
+                let step = self.step_name(inst);
+                self.end(inst, end, format!("ended by the route of step {step}"));
+            }
+            (None, None) => self.complete_step(inst, serde_json::json!({"routed": true})),
+        }
+        Ok(())
+    }
+
+    fn outcome(&self, inst: &mut Instance, o: &COutcome, why: &str) -> Step<()> {
+        if let Some(e) = &o.emit {
+            self.emit(inst, e)?;
+        }
+        match (o.go_to, o.end) {
+            (Some(to), _) => inst.step = to,
+            (None, end) => {
+                let step = self.step_name(inst);
+                self.end(
+                    inst,
+                    end.unwrap_or(EndState::Rejected),
+                    format!("step {step}: {why}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn emit(&self, inst: &mut Instance, e: &CEmit) -> Step<()> {
+        let data = match &e.data {
+            Some(p) => to_json(p, &p.eval(&self.vars(inst)?)?)?,
+            None => json::to_string(&Value::from(std::collections::HashMap::from([(
+                "key".to_string(),
+                Value::String(Arc::new(inst.key.clone())),
+            )])))
+            .unwrap_or_default(),
+        };
+        let msg_id = format!("{}/emit/{}", self.id_prefix(inst), inst.next_seq());
+        self.audit(
+            inst,
+            AuditKind::EventEmitted,
+            Some(self.step_name(inst)),
+            serde_json::json!({"id": msg_id, "type": e.type_}),
+        );
+        inst.outbox.push(Outbound::Emit {
+            msg_id,
+            type_: e.type_.clone(),
+            data,
+        });
+        Ok(())
+    }
+
+    fn end(&self, inst: &mut Instance, state: EndState, why: String) {
+        inst.status = match state {
+            EndState::Completed => Status::Completed,
+            EndState::Rejected => Status::Rejected,
+            EndState::Failed => Status::Failed,
+        };
+        inst.wait = None;
+        inst.outcome = (!why.is_empty()).then_some(why.clone());
+        let kind = match state {
+            EndState::Completed => AuditKind::InstanceCompleted,
+            EndState::Rejected => AuditKind::InstanceRejected,
+            EndState::Failed => AuditKind::InstanceFailed,
+        };
+        self.audit(inst, kind, None, serde_json::json!({"reason": why}));
+    }
+
+    /// Schedule a timer; returns its token.
+    fn timer(&self, inst: &mut Instance, due_ms: i64) -> String {
+        let token = format!("{}/timer/{}", self.id_prefix(inst), inst.next_seq());
+        inst.outbox.push(Outbound::Timer {
+            token: token.clone(),
+            due_ms,
+        });
+        token
+    }
+
+    fn audit(
+        &self,
+        inst: &mut Instance,
+        kind: AuditKind,
+        step: Option<String>,
+        detail: serde_json::Value,
+    ) {
+        let mut chain = Chain::new(
+            &self.def.def.namespace,
+            &self.def.def.workflow,
+            &inst.key,
+            &inst.revision,
+        )
+        .resume(inst.audit_seq, inst.audit_hash.clone());
+        let record = chain.append(
+            self.now.to_rfc3339_opts(SecondsFormat::Millis, true),
+            kind,
+            step.as_deref(),
+            detail,
+        );
+        inst.audit_seq = record.seq;
+        inst.audit_hash = record.hash.clone();
+        inst.outbox.push(Outbound::Audit(Box::new(record)));
+    }
+
+    /// `<namespace>/<workflow>/<key>`: the prefix of every identity this
+    /// instance produces.
+    fn id_prefix(&self, inst: &Instance) -> String {
+        format!(
+            "{}/{}/{}",
+            self.def.def.namespace, self.def.def.workflow, inst.key
+        )
+    }
+
+    /// A DNS-subdomain name for a new case: workflow, key, step, counter.
+    fn case_name(&self, inst: &mut Instance) -> String {
+        let n = inst.next_seq();
+        let key: String = inst
+            .key
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(40)
+            .collect();
+        let hash = hex::encode(&Sha256::digest(inst.key.as_bytes())[..3]);
+        let name = format!(
+            "{}-{}-{}-{hash}{n}",
+            self.def.def.workflow,
+            key.trim_matches('-'),
+            self.step_name(inst)
+        );
+        let mut name: String = name.chars().take(253).collect();
+        while name.ends_with('-') {
+            name.pop();
+        }
+        name
+    }
+
+    /// The CEL variables of a step expression.
+    fn vars(&self, inst: &Instance) -> Step<Vars> {
+        let parse = |text: &str, what: &str| {
+            json::parse(text.as_bytes()).map_err(|e| EvalError {
+                expression: what.to_string(),
+                message: e.0,
+            })
+        };
+        let mut events = std::collections::HashMap::new();
+        for (t, ev) in &inst.events {
+            events.insert(t.clone(), event_value(ev, parse(&ev.data, "event data")?));
+        }
+        let event = inst
+            .woke_by
+            .as_ref()
+            .and_then(|t| events.get(t).cloned())
+            .unwrap_or(Value::Null);
+        let mut steps = std::collections::HashMap::new();
+        for (name, response) in &inst.responses {
+            steps.insert(
+                name.clone(),
+                Value::from(std::collections::HashMap::from([(
+                    "response".to_string(),
+                    parse(response, "response")?,
+                )])),
+            );
+        }
+        let mut vars = std::collections::HashMap::new();
+        for (name, value) in &inst.vars {
+            vars.insert(name.clone(), parse(value, "variable")?);
+        }
+        Ok(Vars::new()
+            .with("key", Value::String(Arc::new(inst.key.clone())))
+            .with("event", event)
+            .with("events", Value::from(events))
+            .with("steps", Value::from(steps))
+            .with("vars", Value::from(vars))
+            .with("now", Value::Timestamp(self.now.fixed_offset())))
+    }
+
+    /// The instance key an event belongs to.
+    pub fn correlate(def: &Compiled, ev: &Event) -> Result<String, EvalError> {
+        let data = json::parse(ev.data.as_bytes()).map_err(|e| EvalError {
+            expression: def.correlate.source().to_string(),
+            message: format!("event data is not JSON: {}", e.0),
+        })?;
+        let vars = Vars::new().with("event", event_value(ev, data));
+        def.correlate.eval_key(&vars)
+    }
+}
+
+fn event_value(ev: &Event, data: Value) -> Value {
+    Value::from(std::collections::HashMap::from([
+        ("id".to_string(), Value::String(Arc::new(ev.id.clone()))),
+        (
+            "type".to_string(),
+            Value::String(Arc::new(ev.type_.clone())),
+        ),
+        (
+            "source".to_string(),
+            Value::String(Arc::new(ev.source.clone())),
+        ),
+        ("time".to_string(), Value::String(Arc::new(ev.time.clone()))),
+        ("data".to_string(), data),
+    ]))
+}
+
+/// `{status, headers, body}`; a body that is not JSON stays a string.
+fn response_value(result: &CallResult) -> Step<Value> {
+    let CallResult::Response {
+        status,
+        headers,
+        body,
+        ..
+    } = result
+    else {
+        return Ok(Value::Null);
+    };
+    let body = if body.trim().is_empty() {
+        Value::Null
+    } else {
+        json::parse(body.as_bytes()).unwrap_or_else(|_| Value::String(Arc::new(body.clone())))
+    };
+    let headers: std::collections::HashMap<String, Value> = headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(Arc::new(v.clone()))))
+        .collect();
+    Ok(Value::from(std::collections::HashMap::from([
+        ("status".to_string(), Value::Int(*status as i64)),
+        ("headers".to_string(), Value::from(headers)),
+        ("body".to_string(), body),
+    ])))
+}
+
+fn to_json(program: &Program, v: &Value) -> Step<String> {
+    json::to_string(v).map_err(|e| EvalError {
+        expression: program.source().to_string(),
+        message: e.0,
+    })
+}
+
+/// A fact for the case record: decimals as strings (nothing downstream
+/// reads them as floats), everything else as JSON.
+fn fact_json(v: &Value) -> serde_json::Value {
+    if let Some(d) = finance::as_decimal(v) {
+        return serde_json::Value::String(d.to_string());
+    }
+    match v {
+        Value::List(items) => serde_json::Value::Array(items.iter().map(fact_json).collect()),
+        Value::Map(m) => serde_json::Value::Object(
+            m.map
+                .iter()
+                .map(|(k, v)| {
+                    let k = match k {
+                        Key::String(s) => s.to_string(),
+                        Key::Int(i) => i.to_string(),
+                        Key::Uint(u) => u.to_string(),
+                        Key::Bool(b) => b.to_string(),
+                    };
+                    (k, fact_json(v))
+                })
+                .collect(),
+        ),
+        other => json::to_string(other)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(serde_json::Value::Null),
+    }
+}
+
+#[cfg(test)]
+mod tests;

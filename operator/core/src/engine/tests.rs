@@ -1,0 +1,388 @@
+//! The step machine on the example manifests, input by input.
+
+use std::path::Path;
+
+use chrono::TimeZone;
+
+use super::*;
+use crate::audit::{AuditRecord, verify};
+use crate::validate::{self, Object};
+
+fn compiled(example: &str) -> Compiled {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(example);
+    let report = validate::validate_paths(&[dir]);
+    assert!(!report.has_errors());
+    let (mut wf, mut conns, mut pols) = (None, Vec::new(), Vec::new());
+    for r in report.valid {
+        match r.object {
+            Object::Workflow(w) => wf = Some(*w),
+            Object::Connector(c) => conns.push(*c),
+            Object::ApprovalPolicy(p) => pols.push(*p),
+            _ => {}
+        }
+    }
+    Compiled::new(Definition::resolve(&wf.unwrap(), &conns, &pols).unwrap()).unwrap()
+}
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 11, 26, 9, 0, 0).unwrap()
+}
+
+fn event(id: &str, ty: &str, data: &str) -> Input {
+    Input::Event(Event {
+        id: id.into(),
+        type_: ty.into(),
+        source: "test".into(),
+        time: "2026-11-26T09:00:00Z".into(),
+        data: data.into(),
+    })
+}
+
+fn order_created() -> Input {
+    event(
+        "o-1",
+        "order.created",
+        r#"{"orderId": "4711", "customerId": "C-1", "channel": "web"}"#,
+    )
+}
+
+fn shipment(qty_b: u32) -> Input {
+    event(
+        "s-1",
+        "shipment.confirmed",
+        &format!(
+            r#"{{"orderId": "4711", "shipmentId": "SH-9", "warehouse": "HAM", "confirmedBy": "wms-operator-17",
+                "lines": [{{"sku": "A", "qty": 2}}, {{"sku": "B", "qty": {qty_b}}}]}}"#
+        ),
+    )
+}
+
+fn erp_order() -> CallResult {
+    CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"orderId": "4711", "customerId": "C-1", "currency": "EUR",
+                  "lines": [{"sku": "A", "qty": 2, "unitPrice": "19.99"}, {"sku": "B", "qty": 5, "unitPrice": 0.10}]}"#
+            .into(),
+        attempts: 1,
+    }
+}
+
+fn invoice_created() -> CallResult {
+    CallResult::Response {
+        status: 201,
+        headers: BTreeMap::new(),
+        body: r#"{"invoiceId": "INV-1", "currency": "EUR", "netAmount": 40.48}"#.into(),
+        attempts: 1,
+    }
+}
+
+fn plan(next: Next) -> CallPlan {
+    match next {
+        Next::Call(p) => p,
+        other => panic!("expected a call, got {other:?}"),
+    }
+}
+
+fn audits(inst: &Instance) -> Vec<AuditRecord> {
+    inst.outbox
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Audit(a) => Some((**a).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn emits(inst: &Instance) -> Vec<(String, String)> {
+    inst.outbox
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Emit { type_, data, .. } => Some((type_.clone(), data.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn matching_quantities_become_one_invoice() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let key = Machine::correlate(
+        &def,
+        &Event {
+            id: "x".into(),
+            type_: "order.created".into(),
+            source: String::new(),
+            time: String::new(),
+            data: r#"{"orderId": "4711"}"#.into(),
+        },
+    )
+    .unwrap();
+    assert_eq!(key, "4711");
+    let mut inst = Instance::new(&key, &def.revision, t0().timestamp_millis());
+    assert_eq!(m.apply(&mut inst, order_created()), Next::Idle);
+    assert_eq!(
+        inst.wait,
+        Some(Wait::Events {
+            timer: Some("finance/shipment-to-invoice/4711/timer/2".into())
+        })
+    );
+    let get = plan(m.apply(&mut inst, shipment(5)));
+    assert_eq!(
+        (get.action.as_str(), get.params["orderId"].as_str()),
+        ("getOrder", "4711")
+    );
+    let post = plan(m.apply(&mut inst, Input::CallDone(erp_order())));
+    assert_eq!(post.action, "createInvoice");
+    assert_eq!(post.idempotency_key, "inv-4711");
+    // Exact decimals in the body: 2 x 19.99 + 5 x 0.10, no float digits.
+    let body = post.body.unwrap();
+    assert!(body.contains(r#""netAmount":40.48"#), "{body}");
+    assert!(body.contains(r#""unitPrice":0.10"#), "{body}");
+    assert_eq!(
+        m.apply(&mut inst, Input::CallDone(invoice_created())),
+        Next::Idle
+    );
+    assert_eq!(inst.status, Status::Completed);
+    let emitted = emits(&inst);
+    assert_eq!(emitted.len(), 1);
+    assert_eq!(emitted[0].0, "invoice.created");
+    assert!(emitted[0].1.contains(r#""invoiceId":"INV-1""#));
+    let report = verify(&audits(&inst));
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
+#[test]
+fn events_out_of_order_and_twice_give_the_same_result() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    assert_eq!(
+        m.apply(&mut inst, shipment(5)),
+        Next::Idle,
+        "the shipment alone waits for the order"
+    );
+    assert_eq!(
+        m.apply(&mut inst, shipment(5)),
+        Next::Idle,
+        "a duplicate changes nothing"
+    );
+    let seq = inst.audit_seq;
+    assert_eq!(m.apply(&mut inst, shipment(5)), Next::Idle);
+    assert_eq!(inst.audit_seq, seq);
+    let get = plan(m.apply(&mut inst, order_created()));
+    assert_eq!(get.action, "getOrder");
+    plan(m.apply(&mut inst, Input::CallDone(erp_order())));
+    m.apply(&mut inst, Input::CallDone(invoice_created()));
+    assert_eq!(inst.status, Status::Completed);
+}
+
+#[test]
+fn a_tiny_variance_is_auto_approved_and_invoices_what_shipped() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    plan(m.apply(&mut inst, shipment(3)));
+    // B: 3 of 5 shipped at 0.10: a variance of 0.20, 0.49 % of 40.48.
+    let next = m.apply(&mut inst, Input::CallDone(erp_order()));
+    let case = inst.outbox.iter().find_map(|o| match o {
+        Outbound::OpenCase(c) => Some(c.clone()),
+        _ => None,
+    });
+    match (next, case) {
+        // The policy auto-approves under 500.00 and 1 %; 0.20 of 40.48 is 0.49 %.
+        (Next::Call(p), None) => {
+            assert_eq!(p.action, "createInvoice");
+            assert!(p.body.unwrap().contains(r#""netAmount":40.28"#));
+        }
+        other => panic!("expected the tiny variance to be auto-approved, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    plan(m.apply(&mut inst, shipment(5)));
+    let big = CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"currency": "EUR", "customerId": "C-1",
+                  "lines": [{"sku": "A", "qty": 2, "unitPrice": "19.99"}, {"sku": "B", "qty": 9, "unitPrice": "250.00"}]}"#
+            .into(),
+        attempts: 1,
+    };
+    assert_eq!(m.apply(&mut inst, Input::CallDone(big)), Next::Idle);
+    let case = inst
+        .outbox
+        .iter()
+        .find_map(|o| match o {
+            Outbound::OpenCase(c) => Some(c.clone()),
+            _ => None,
+        })
+        .expect("a case opened");
+    assert_eq!(case.reason, "QuantityMismatch");
+    assert_eq!(case.initiator, "wms-operator-17");
+    assert_eq!(case.rule, "controller");
+    assert_eq!(case.facts["amount"], serde_json::json!("1000.00"));
+    assert_eq!(
+        case.deadline_ms,
+        Some((t0() + chrono::Duration::hours(48)).timestamp_millis())
+    );
+    assert!(
+        matches!(&inst.wait, Some(Wait::Case { name, during: Phase::OnFalse }) if *name == case.name)
+    );
+    // Inputs for other cases or stale timers change nothing.
+    let seq = inst.audit_seq;
+    m.apply(
+        &mut inst,
+        Input::CaseResolved {
+            name: "other".into(),
+            approved: true,
+            detail: String::new(),
+        },
+    );
+    m.apply(
+        &mut inst,
+        Input::Timer {
+            token: "stale".into(),
+        },
+    );
+    assert_eq!(inst.audit_seq, seq);
+
+    let mut approved = inst.clone();
+    let p = plan(m.apply(
+        &mut approved,
+        Input::CaseResolved {
+            name: case.name.clone(),
+            approved: true,
+            detail: "alice".into(),
+        },
+    ));
+    assert_eq!(p.action, "createInvoice");
+
+    inst.outbox.clear();
+    m.apply(
+        &mut inst,
+        Input::CaseResolved {
+            name: case.name.clone(),
+            approved: false,
+            detail: "wrong".into(),
+        },
+    );
+    assert_eq!(inst.status, Status::Rejected);
+    let emitted = emits(&inst);
+    assert_eq!(emitted[0].0, "shipment.disputed");
+    assert!(emitted[0].1.contains(r#""skus":["B"]"#), "{}", emitted[0].1);
+}
+
+#[test]
+fn a_missing_shipment_times_out_through_the_route() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    let Some(Wait::Events { timer: Some(token) }) = inst.wait.clone() else {
+        panic!("{:?}", inst.wait)
+    };
+    let due = inst.outbox.iter().find_map(|o| match o {
+        Outbound::Timer { token: t, due_ms } if *t == token => Some(*due_ms),
+        _ => None,
+    });
+    assert_eq!(
+        due,
+        Some((t0() + chrono::Duration::hours(24)).timestamp_millis())
+    );
+    let later = Machine::new(&def, t0() + chrono::Duration::hours(24));
+    assert_eq!(later.apply(&mut inst, Input::Timer { token }), Next::Idle);
+    assert_eq!(inst.status, Status::Failed);
+    let emitted = emits(&inst);
+    assert_eq!(emitted[0].0, "order.unmatched");
+    assert!(
+        emitted[0].1.contains(r#""missing":["shipment.confirmed"]"#),
+        "{}",
+        emitted[0].1
+    );
+}
+
+#[test]
+fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    plan(m.apply(&mut inst, shipment(5)));
+    let failed = CallResult::Failed {
+        message: "503 Service Unavailable after 6 attempts".into(),
+        status: Some(503),
+        attempts: 6,
+    };
+    assert_eq!(m.apply(&mut inst, Input::CallDone(failed)), Next::Idle);
+    assert!(
+        inst.outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::DeadLetter { step, .. } if step == "order"))
+    );
+    let Some(Wait::FailedCall { case }) = inst.wait.clone() else {
+        panic!("{:?}", inst.wait)
+    };
+    assert_eq!(inst.status, Status::Running);
+    let retry = plan(m.apply(
+        &mut inst,
+        Input::CaseResolved {
+            name: case,
+            approved: true,
+            detail: "ops".into(),
+        },
+    ));
+    assert_eq!(retry.action, "getOrder");
+}
+
+#[test]
+fn a_runtime_error_fails_the_instance_visibly() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    plan(m.apply(&mut inst, shipment(5)));
+    let no_lines = CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"currency": "EUR"}"#.into(),
+        attempts: 1,
+    };
+    assert_eq!(m.apply(&mut inst, Input::CallDone(no_lines)), Next::Idle);
+    assert_eq!(inst.status, Status::Failed);
+    assert!(
+        inst.outcome
+            .as_deref()
+            .unwrap()
+            .starts_with("step price-lines:"),
+        "{:?}",
+        inst.outcome
+    );
+    assert!(
+        inst.outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::DeadLetter { .. }))
+    );
+}
+
+#[test]
+fn every_example_compiles() {
+    for example in [
+        "shipment-to-invoice",
+        "three-way-match",
+        "returns-to-credit",
+        "inventory-adjustment",
+    ] {
+        let def = compiled(example);
+        assert_eq!(def.revision.len(), 10);
+    }
+}
