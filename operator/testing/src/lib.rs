@@ -2,5 +2,9 @@
 //! crate: only `[dev-dependencies]` name it.
 //!
 //! - [`nats`]: a private, real `nats-server` with JetStream per test.
+//! - [`erp`]: a simulated ERP (orders, invoices, credit notes, postings,
+//!   payment approvals) over real HTTP with failure injection, and the
+//!   signing webhook senders of the WMS and shop side.
 
+pub mod erp;
 pub mod nats;
