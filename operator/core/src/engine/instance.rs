@@ -108,6 +108,8 @@ pub struct CaseRequest {
     pub distinct_approvers: bool,
     pub deadline_ms: Option<i64>,
     pub escalate_to: Option<Approvers>,
+    /// How long an escalated case may stay open (the policy's `expiry.after`).
+    pub escalation_window_ms: Option<u64>,
     /// Whether the instance waits for the case (an SLA breach case does not).
     pub blocking: bool,
 }

@@ -594,6 +594,7 @@ impl<'a> Machine<'a> {
                     distinct_approvers: sod.distinct_approvers,
                     deadline_ms: deadline.map(|d| d.timestamp_millis()),
                     escalate_to,
+                    escalation_window_ms: policy.escalation_window().map(|w| w.as_millis() as u64),
                     blocking: true,
                 };
                 self.audit(
@@ -630,6 +631,7 @@ impl<'a> Machine<'a> {
             distinct_approvers: true,
             deadline_ms: None,
             escalate_to: None,
+            escalation_window_ms: None,
             blocking: reason != "SlaBreached",
         };
         self.audit(

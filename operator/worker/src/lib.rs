@@ -1,0 +1,49 @@
+//! The worker runtime: runs one Workflow on NATS JetStream with the promises
+//! of the design — no lost event, no duplicate effect, durable instances,
+//! versioned definitions, visible failures, a tamper-evident audit trail.
+//!
+//! ```text
+//! events consumer ─┐
+//! timers consumer ─┼─▶ process(key, input): load (cache, else KV) ─▶ Machine::apply ─▶ calls
+//! case watcher ────┘        ─▶ CAS the instance ─▶ publish its outbox (deduplicated) ─▶ ack
+//! ```
+//!
+//! The broker sits behind this crate; step logic lives in `tallyman_core`.
+
+pub mod audit;
+pub mod calls;
+pub mod cases;
+pub mod names;
+mod runtime;
+pub mod setup;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use runtime::{Stats, Worker, WorkerConfig};
+pub use tallyman_core::engine::{CallPlan, CallResult};
+
+/// Errors of the runtime, by the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to set up JetStream: {0}")]
+    Setup(String),
+    #[error("failed to connect to NATS: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Store(String),
+    #[error("failed to publish: {0}")]
+    Publish(String),
+    #[error("invalid definition: {0}")]
+    Definition(String),
+}
+
+/// Makes the REST calls of `call` steps. `heartbeat` keeps the message that
+/// caused the call alive while retries wait.
+pub trait Caller: Send + Sync {
+    fn call<'a>(
+        &'a self,
+        plan: &'a CallPlan,
+        heartbeat: &'a (dyn Fn() + Send + Sync),
+    ) -> Pin<Box<dyn Future<Output = CallResult> + Send + 'a>>;
+}

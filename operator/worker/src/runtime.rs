@@ -1,0 +1,798 @@
+//! The processing loop: one input at a time per instance, any replica, any
+//! order, with compare-and-set on the instance's KV revision.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, kv, message::PublishMessage as Publish};
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use sha2_free::short_id;
+use tallyman_core::engine::{
+    Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+};
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
+
+use crate::cases::{KvCases, decode};
+use crate::names::{Names, kv_key};
+use crate::setup::{self, Handles};
+use crate::{Caller, Error};
+
+/// How a worker runs.
+pub struct WorkerConfig {
+    /// NATS connections to use (a small pool spreads the load; about 4 is best on 2 cores).
+    pub clients: Vec<async_nats::Client>,
+    pub definition: Definition,
+    pub caller: Arc<dyn Caller>,
+    /// Messages processed concurrently.
+    pub max_in_flight: usize,
+}
+
+/// Counters for tests, status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub events: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub started: AtomicU64,
+    pub completed: AtomicU64,
+    pub rejected: AtomicU64,
+    pub failed: AtomicU64,
+    pub exceptions: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub timers: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// One Workflow's runtime.
+pub struct Worker {
+    names: Names,
+    js: Vec<jetstream::Context>,
+    next_js: AtomicU64,
+    current: Arc<Compiled>,
+    revisions: Mutex<HashMap<String, Arc<Compiled>>>,
+    handles: Handles,
+    cases: KvCases,
+    caller: Arc<dyn Caller>,
+    /// The last stored revision and state of recently seen instances, so a
+    /// write needs no read unless another replica wrote in between.
+    cache: Mutex<HashMap<String, (u64, Instance)>>,
+    max_in_flight: usize,
+    pub stats: Arc<Stats>,
+}
+
+/// The wire form of a canonical event; `data` stays raw JSON text.
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    id: String,
+    #[serde(rename = "type")]
+    type_: String,
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    time: String,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+/// The payload of a timer message.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct TimerMsg {
+    key: String,
+    token: String,
+    due_ms: i64,
+    /// For case deadlines: the case to expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    case: Option<String>,
+}
+
+const CACHE_LIMIT: usize = 200_000;
+const CAS_ATTEMPTS: usize = 32;
+
+mod sha2_free {
+    /// A short, stable id for a timer token (schedule subjects need one token).
+    pub fn short_id(s: &str) -> String {
+        // FNV-1a 64: stable across processes and versions, no extra dependency.
+        let mut h: u64 = 0xcbf29ce484222325;
+        for b in s.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+impl Worker {
+    /// Ensure the broker side and store this revision's definition.
+    pub async fn new(config: WorkerConfig) -> Result<Arc<Self>, Error> {
+        let compiled = Compiled::new(config.definition.clone()).map_err(|errors| {
+            Error::Definition(
+                errors
+                    .iter()
+                    .map(|(path, e)| format!("{path}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        let names = Names::new(&config.definition.namespace, &config.definition.workflow);
+        if config.clients.is_empty() {
+            return Err(Error::Connect("no NATS connection given".into()));
+        }
+        let js: Vec<_> = config.clients.into_iter().map(jetstream::new).collect();
+        let handles = setup::ensure(
+            &js[0],
+            &names,
+            &compiled.def.spec.trigger.events,
+            (config.max_in_flight as i64 * 4).max(1024),
+        )
+        .await?;
+        let definition =
+            serde_json::to_vec(&config.definition).map_err(|e| Error::Definition(e.to_string()))?;
+        handles
+            .definitions
+            .put(
+                format!("{}.{}", names.workflow, compiled.revision),
+                Bytes::from(definition),
+            )
+            .await
+            .map_err(|e| Error::Store(format!("failed to store the definition: {e}")))?;
+        info!(
+            namespace = %names.namespace,
+            workflow = %names.workflow,
+            revision = %compiled.revision,
+            "worker ready"
+        );
+        let current = Arc::new(compiled);
+        let mut revisions = HashMap::new();
+        revisions.insert(current.revision.clone(), current.clone());
+        let cases = KvCases::new(handles.cases.clone(), &names.namespace);
+        Ok(Arc::new(Self {
+            names,
+            js,
+            next_js: AtomicU64::new(0),
+            current,
+            revisions: Mutex::new(revisions),
+            handles,
+            cases,
+            caller: config.caller,
+            cache: Mutex::new(HashMap::new()),
+            max_in_flight: config.max_in_flight.max(1),
+            stats: Arc::new(Stats::default()),
+        }))
+    }
+
+    pub fn revision(&self) -> &str {
+        &self.current.revision
+    }
+
+    pub fn cases(&self) -> &KvCases {
+        &self.cases
+    }
+
+    fn js(&self) -> &jetstream::Context {
+        let n = self.next_js.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.js[n % self.js.len()]
+    }
+
+    /// Run until `shutdown` turns true; in-flight messages finish first.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let events = tokio::spawn(self.clone().consume_events(shutdown.clone()));
+        let timers = tokio::spawn(self.clone().consume_timers(shutdown.clone()));
+        let cases = tokio::spawn(self.clone().watch_cases(shutdown.clone()));
+        let results = [events.await, timers.await, cases.await];
+        for r in results {
+            match r {
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(Error::Store(format!("a worker task panicked: {e}"))),
+                Ok(Ok(())) => {}
+            }
+        }
+        info!(workflow = %self.names.workflow, "worker stopped");
+        Ok(())
+    }
+
+    async fn consume_events(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut messages = self
+            .handles
+            .events
+            .stream()
+            .max_messages_per_batch(self.max_in_flight.min(512))
+            .messages()
+            .await
+            .map_err(|e| Error::Setup(format!("failed to consume events: {e}")))?;
+        let slots = Arc::new(Semaphore::new(self.max_in_flight));
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.changed() => break,
+                msg = messages.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            let msg = match msg {
+                Ok(m) => m,
+                Err(e) => {
+                    warn!(error = %e, "event consumer error");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.handle_event(msg).await;
+                drop(permit);
+            });
+        }
+        // Graceful: wait for every message in flight to be stored and acked.
+        let _ = slots.acquire_many(self.max_in_flight as u32).await;
+        Ok(())
+    }
+
+    async fn handle_event(&self, msg: jetstream::Message) {
+        self.stats.events.fetch_add(1, Ordering::Relaxed);
+        let ev = match serde_json::from_slice::<WireEvent>(&msg.payload) {
+            Ok(w) => Event {
+                id: w.id,
+                type_: w.type_,
+                source: w.source,
+                time: w.time,
+                data: w.data.get().to_string(),
+            },
+            Err(e) => {
+                self.poison(&msg, &format!("not a canonical event: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let key = match Machine::correlate(&self.current, &ev) {
+            Ok(k) => k,
+            Err(e) => {
+                self.poison(&msg, &format!("event {} does not correlate: {e}", ev.id))
+                    .await;
+                return;
+            }
+        };
+        let heartbeat_msg = Arc::new(msg);
+        match self
+            .process(&key, Input::Event(ev), Some(heartbeat_msg.clone()))
+            .await
+        {
+            Ok(()) => {
+                if let Err(e) = heartbeat_msg.ack().await {
+                    warn!(error = %e, "failed to ack an event");
+                }
+            }
+            Err(e) => {
+                warn!(key, error = %e, "event not processed; it will be redelivered");
+                let _ = heartbeat_msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// A message that can never be processed goes to the dead-letter subject
+    /// and is acknowledged, so it never blocks the consumer.
+    async fn poison(&self, msg: &jetstream::Message, reason: &str) {
+        warn!(reason, "dead-lettering a message");
+        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "Tallyman-Reason",
+            reason.replace(['\r', '\n'], " ").as_str(),
+        );
+        headers.insert("Tallyman-Subject", msg.subject.as_str());
+        let published = self
+            .js()
+            .publish_with_headers(self.names.dlq_subject(), headers, msg.payload.clone())
+            .await;
+        let stored = match published {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
+            let _ = msg.ack().await;
+        } else {
+            let _ = msg
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
+                .await;
+        }
+    }
+
+    /// Apply `input` to the instance `key`: load, run, store with
+    /// compare-and-set (retrying on conflict), publish the outbox.
+    pub(crate) async fn process(
+        &self,
+        key: &str,
+        input: Input,
+        msg: Option<Arc<jetstream::Message>>,
+    ) -> Result<(), Error> {
+        let kv_key = kv_key(key);
+        for _ in 0..CAS_ATTEMPTS {
+            let cached = self.cache.lock().expect("cache lock").get(key).cloned();
+            let (mut inst, revision) = match cached {
+                Some((rev, inst)) => (inst, Some(rev)),
+                None => match self.handles.instances.entry(&kv_key).await {
+                    Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                        let inst: Instance = serde_json::from_slice(&e.value).map_err(|err| {
+                            Error::Store(format!("instance {key} is unreadable: {err}"))
+                        })?;
+                        // A crash may have stopped the last publish: redo it.
+                        self.publish_outbox(&inst).await?;
+                        (inst, Some(e.revision))
+                    }
+                    Ok(_) => {
+                        if !matches!(input, Input::Event(_)) {
+                            return Ok(());
+                        }
+                        (
+                            Instance::new(
+                                key,
+                                &self.current.revision,
+                                Utc::now().timestamp_millis(),
+                            ),
+                            None,
+                        )
+                    }
+                    Err(e) => {
+                        return Err(Error::Store(format!("failed to read instance {key}: {e}")));
+                    }
+                },
+            };
+            if let Input::Event(ev) = &input
+                && inst.has_applied(&ev.id)
+            {
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+            let compiled = self.compiled(&inst.revision).await?;
+            let was_running = inst.is_running();
+            let new = revision.is_none();
+            inst.outbox.clear();
+            let machine = Machine::new(&compiled, Utc::now());
+            let mut next = machine.apply(&mut inst, input.clone());
+            loop {
+                let heartbeat = {
+                    let msg = msg.clone();
+                    move || {
+                        if let Some(m) = msg.clone() {
+                            tokio::spawn(async move {
+                                let _ = m.ack_with(AckKind::Progress).await;
+                            });
+                        }
+                    }
+                };
+                next = match next {
+                    Next::Idle => break,
+                    Next::Call(plan) => {
+                        let result = self.caller.call(&plan, &heartbeat).await;
+                        machine.apply(&mut inst, Input::CallDone(result))
+                    }
+                    Next::Lookup(plan) => {
+                        let result = self.caller.call(&plan, &heartbeat).await;
+                        machine.apply(&mut inst, Input::LookupDone(result))
+                    }
+                };
+            }
+            let bytes =
+                Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
+            let written = match revision {
+                Some(rev) => self
+                    .handles
+                    .instances
+                    .update(&kv_key, bytes, rev)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                None => self
+                    .handles
+                    .instances
+                    .create(&kv_key, bytes)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::CreateErrorKind::AlreadyExists,
+                            e.to_string(),
+                        )
+                    }),
+            };
+            match written {
+                Ok(new_revision) => {
+                    self.count(&inst, new, was_running);
+                    if let Err(e) = self.publish_outbox(&inst).await {
+                        self.cache.lock().expect("cache lock").remove(key);
+                        return Err(e);
+                    }
+                    self.remember(key, new_revision, inst);
+                    return Ok(());
+                }
+                Err((true, _)) => {
+                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.cache.lock().expect("cache lock").remove(key);
+                    debug!(key, "instance changed under us; retrying");
+                    continue;
+                }
+                Err((false, e)) => {
+                    return Err(Error::Store(format!("failed to store instance {key}: {e}")));
+                }
+            }
+        }
+        Err(Error::Store(format!(
+            "instance {key} kept changing; giving up for now"
+        )))
+    }
+
+    fn remember(&self, key: &str, revision: u64, inst: Instance) {
+        let mut cache = self.cache.lock().expect("cache lock");
+        if cache.len() >= CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key.to_string(), (revision, inst));
+    }
+
+    fn count(&self, inst: &Instance, new: bool, was_running: bool) {
+        use tallyman_core::engine::Status;
+        if new {
+            self.stats.started.fetch_add(1, Ordering::Relaxed);
+        }
+        if was_running && !inst.is_running() {
+            let c = match inst.status {
+                Status::Completed => &self.stats.completed,
+                Status::Rejected => &self.stats.rejected,
+                _ => &self.stats.failed,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        for o in &inst.outbox {
+            match o {
+                Outbound::OpenCase(_) => {
+                    self.stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                }
+                Outbound::DeadLetter { .. } => {
+                    self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The compiled definition of a revision: this worker's, or an older
+    /// one from the definitions bucket (a running instance finishes on the
+    /// revision it started with).
+    async fn compiled(&self, revision: &str) -> Result<Arc<Compiled>, Error> {
+        if let Some(c) = self.revisions.lock().expect("revisions lock").get(revision) {
+            return Ok(c.clone());
+        }
+        let entry = self
+            .handles
+            .definitions
+            .get(format!("{}.{revision}", self.names.workflow))
+            .await
+            .map_err(|e| Error::Store(format!("failed to read definition {revision}: {e}")))?
+            .ok_or_else(|| Error::Definition(format!("revision {revision} is not stored")))?;
+        let def: Definition = serde_json::from_slice(&entry)
+            .map_err(|e| Error::Definition(format!("revision {revision}: {e}")))?;
+        let compiled = Arc::new(
+            Compiled::new(def)
+                .map_err(|e| Error::Definition(format!("revision {revision}: {e:?}")))?,
+        );
+        self.revisions
+            .lock()
+            .expect("revisions lock")
+            .insert(revision.to_string(), compiled.clone());
+        Ok(compiled)
+    }
+
+    /// Publish what a stored state asks for. Every item has a deterministic
+    /// message id, so publishing again after a crash is deduplicated.
+    async fn publish_outbox(&self, inst: &Instance) -> Result<(), Error> {
+        if inst.outbox.is_empty() {
+            return Ok(());
+        }
+        let js = self.js();
+        let prefix = format!(
+            "{}/{}/{}",
+            self.names.namespace, self.names.workflow, inst.key
+        );
+        let now = Utc::now();
+        let mut acks = Vec::with_capacity(inst.outbox.len());
+        for item in &inst.outbox {
+            let (subject, msg_id, payload, headers) = match item {
+                Outbound::Emit { msg_id, type_, data } => {
+                    let payload = format!(
+                        r#"{{"id":{},"type":{},"source":{},"time":{},"data":{data}}}"#,
+                        json_str(msg_id),
+                        json_str(type_),
+                        json_str(&format!("tallyman/{}/{}", self.names.namespace, self.names.workflow)),
+                        json_str(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
+                    );
+                    (self.names.event_subject(type_), msg_id.clone(), payload, None)
+                }
+                Outbound::Audit(record) => (
+                    self.names.audit_subject(),
+                    format!("{prefix}/audit/{}", record.seq),
+                    serde_json::to_string(record).map_err(|e| Error::Publish(e.to_string()))?,
+                    None,
+                ),
+                Outbound::DeadLetter { msg_id, step, reason } => (
+                    self.names.dlq_subject(),
+                    msg_id.clone(),
+                    serde_json::json!({"workflow": self.names.workflow, "key": inst.key, "step": step, "reason": reason})
+                        .to_string(),
+                    None,
+                ),
+                Outbound::Timer { token, due_ms } => {
+                    let (subject, headers) = self.schedule(*due_ms);
+                    let payload = serde_json::to_string(&TimerMsg {
+                        key: inst.key.clone(),
+                        token: token.clone(),
+                        due_ms: *due_ms,
+                        case: None,
+                    })
+                    .map_err(|e| Error::Publish(e.to_string()))?;
+                    (subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(token))), token.clone(), payload, headers)
+                }
+                Outbound::OpenCase(req) => {
+                    let record = self.cases.open(req, now).await?;
+                    let Some(deadline) = req.deadline_ms else { continue };
+                    let _ = record;
+                    let token = format!("{prefix}/case/{}", req.name);
+                    let (subject, headers) = self.schedule(deadline);
+                    let payload = serde_json::to_string(&TimerMsg {
+                        key: inst.key.clone(),
+                        token: token.clone(),
+                        due_ms: deadline,
+                        case: Some(req.name.clone()),
+                    })
+                    .map_err(|e| Error::Publish(e.to_string()))?;
+                    (subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token))), token, payload, headers)
+                }
+            };
+            let mut publish = Publish::build()
+                .message_id(msg_id)
+                .payload(Bytes::from(payload));
+            if let Some(h) = headers {
+                for (name, values) in h.iter() {
+                    for v in values {
+                        publish = publish.header(name.clone(), v.clone());
+                    }
+                }
+            }
+            let ack = js
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| Error::Publish(e.to_string()))?;
+            acks.push(ack);
+        }
+        for ack in acks {
+            ack.await.map_err(|e| Error::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Where and how to publish a timer due at `due_ms`: straight to the due
+    /// subject when it is due now, else as a schedule the server fires.
+    fn schedule(&self, due_ms: i64) -> (Option<String>, Option<HeaderMap>) {
+        let now = Utc::now().timestamp_millis();
+        if due_ms <= now + 1000 {
+            return (Some(self.names.timers_due_subject()), None);
+        }
+        let at = DateTime::<Utc>::from_timestamp_millis(due_ms)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            .to_rfc3339_opts(SecondsFormat::Secs, true);
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Schedule", format!("@at {at}").as_str());
+        headers.insert(
+            "Nats-Schedule-Target",
+            self.names.timers_due_subject().as_str(),
+        );
+        // A fired timer nobody consumes within a week is dropped with the stream's TTL.
+        headers.insert("Nats-Schedule-TTL", "168h");
+        (None, Some(headers))
+    }
+
+    async fn consume_timers(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut messages = self
+            .handles
+            .timers
+            .messages()
+            .await
+            .map_err(|e| Error::Setup(format!("failed to consume timers: {e}")))?;
+        loop {
+            let msg = tokio::select! {
+                _ = shutdown.changed() => break,
+                msg = messages.next() => msg,
+            };
+            let Some(Ok(msg)) = msg else {
+                if msg.is_none() {
+                    break;
+                }
+                continue;
+            };
+            let this = self.clone();
+            tokio::spawn(async move { this.handle_timer(msg).await });
+        }
+        Ok(())
+    }
+
+    async fn handle_timer(&self, msg: jetstream::Message) {
+        let Ok(timer) = serde_json::from_slice::<TimerMsg>(&msg.payload) else {
+            self.poison(&msg, "not a timer message").await;
+            return;
+        };
+        let now = Utc::now();
+        if timer.due_ms > now.timestamp_millis() {
+            // Fired early (clock skew): try again when due.
+            let wait = Duration::from_millis((timer.due_ms - now.timestamp_millis()) as u64);
+            let _ = msg.ack_with(AckKind::Nak(Some(wait))).await;
+            return;
+        }
+        self.stats.timers.fetch_add(1, Ordering::Relaxed);
+        let result = match &timer.case {
+            None => {
+                self.process(
+                    &timer.key,
+                    Input::Timer {
+                        token: timer.token.clone(),
+                    },
+                    None,
+                )
+                .await
+            }
+            Some(case) => self.case_deadline(&timer, case, now).await,
+        };
+        match result {
+            Ok(()) => {
+                let _ = msg.ack().await;
+            }
+            Err(e) => {
+                warn!(key = %timer.key, error = %e, "timer not processed; retrying");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    .await;
+            }
+        }
+    }
+
+    /// A case's deadline: escalate (and set the next deadline) or expire it.
+    async fn case_deadline(
+        &self,
+        timer: &TimerMsg,
+        case: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), Error> {
+        let Some(record) = self.cases.expire(case, now).await? else {
+            return Ok(());
+        };
+        if record.is_final() {
+            return self.resume(&record).await;
+        }
+        if let Some(deadline) = record
+            .status
+            .deadline
+            .as_ref()
+            .map(tallyman_core::policy::from_time)
+        {
+            let token = format!("{}/escalated", timer.token);
+            let (subject, headers) = self.schedule(deadline.timestamp_millis());
+            let payload = serde_json::to_string(&TimerMsg {
+                key: timer.key.clone(),
+                token: token.clone(),
+                due_ms: deadline.timestamp_millis(),
+                case: Some(case.to_string()),
+            })
+            .map_err(|e| Error::Publish(e.to_string()))?;
+            let mut publish = Publish::build()
+                .message_id(&token)
+                .payload(Bytes::from(payload));
+            for (name, values) in headers.iter().flat_map(|h| h.iter()) {
+                for v in values {
+                    publish = publish.header(name.clone(), v.clone());
+                }
+            }
+            let subject =
+                subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token)));
+            self.js()
+                .send_publish(subject, publish)
+                .await
+                .map_err(|e| Error::Publish(e.to_string()))?
+                .await
+                .map_err(|e| Error::Publish(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Give a decided case's outcome to its instance.
+    async fn resume(&self, record: &crate::cases::CaseRecord) -> Result<(), Error> {
+        if record.spec.workflow != self.names.workflow || record.resumed || !record.is_final() {
+            return Ok(());
+        }
+        if record.blocking {
+            let detail = record.status.message.clone().unwrap_or_default();
+            self.process(
+                &record.spec.key,
+                Input::CaseResolved {
+                    name: record.name.clone(),
+                    approved: record.approved(),
+                    detail,
+                },
+                None,
+            )
+            .await?;
+        }
+        self.cases.mark_resumed(&record.name).await
+    }
+
+    /// Watch the case bucket: a decided case resumes its instance, whichever
+    /// process decided it.
+    async fn watch_cases(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut watch = self
+            .cases
+            .store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| Error::Setup(format!("failed to watch cases: {e}")))?;
+        loop {
+            let entry = tokio::select! {
+                _ = shutdown.changed() => break,
+                e = watch.next() => e,
+            };
+            let Some(entry) = entry else { break };
+            let Ok(entry) = entry else { continue };
+            if entry.operation != kv::Operation::Put {
+                continue;
+            }
+            let Ok(record) = decode(&entry.value) else {
+                continue;
+            };
+            if record.is_final() && !record.resumed && record.spec.workflow == self.names.workflow {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = this.resume(&record).await {
+                        warn!(case = %record.name, error = %e, "failed to resume an instance");
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The stored state of an instance, for status pages and tests.
+    pub async fn instance(&self, key: &str) -> Result<Option<Instance>, Error> {
+        match self.handles.instances.get(kv_key(key)).await {
+            Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Store(e.to_string())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(Error::Store(e.to_string())),
+        }
+    }
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}

@@ -1,0 +1,133 @@
+//! Ensure the streams, consumers and buckets a workflow needs. Idempotent:
+//! what exists is left as it is, so every replica can run it at start.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+
+use crate::Error;
+use crate::names::Names;
+
+/// How long the broker remembers message ids for deduplication.
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(10 * 60);
+
+/// The handles a worker uses.
+pub struct Handles {
+    pub instances: kv::Store,
+    pub cases: kv::Store,
+    pub definitions: kv::Store,
+    pub events: consumer::Consumer<consumer::pull::Config>,
+    pub timers: consumer::Consumer<consumer::pull::Config>,
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    name: String,
+    subject: String,
+    timers: bool,
+) -> Result<stream::Stream, Error> {
+    js.get_or_create_stream(stream::Config {
+        name: name.clone(),
+        subjects: vec![subject],
+        storage: stream::StorageType::File,
+        duplicate_window: DUPLICATE_WINDOW,
+        // Timers are scheduled messages (Nats-Schedule) that the server
+        // republishes to the workflow's due subject when they fall due.
+        allow_message_schedules: timers,
+        allow_message_ttl: timers,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| Error::Setup(format!("failed to ensure stream {name}: {e}")))
+}
+
+async fn ensure_kv(
+    js: &jetstream::Context,
+    bucket: String,
+    history: i64,
+) -> Result<kv::Store, Error> {
+    match js.get_key_value(&bucket).await {
+        Ok(store) => Ok(store),
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: bucket.clone(),
+                history,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Setup(format!("failed to ensure bucket {bucket}: {e}"))),
+    }
+}
+
+/// The streams shared by every workflow of a namespace (the gateway and the
+/// operator ensure the same ones).
+pub async fn ensure_namespace(
+    js: &jetstream::Context,
+    names: &Names,
+) -> Result<stream::Stream, Error> {
+    let events = ensure_stream(js, names.events_stream(), names.events_wildcard(), false).await?;
+    ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
+    ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
+    Ok(events)
+}
+
+/// Everything one workflow needs.
+pub async fn ensure(
+    js: &jetstream::Context,
+    names: &Names,
+    trigger_events: &[String],
+    max_ack_pending: i64,
+) -> Result<Handles, Error> {
+    let events_stream = ensure_namespace(js, names).await?;
+    let timers_stream =
+        ensure_stream(js, names.timers_stream(), names.timers_wildcard(), true).await?;
+    let events = events_stream
+        .get_or_create_consumer(
+            &names.events_consumer(),
+            consumer::pull::Config {
+                durable_name: Some(names.events_consumer()),
+                filter_subjects: trigger_events
+                    .iter()
+                    .map(|t| names.event_subject(t))
+                    .collect(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            Error::Setup(format!(
+                "failed to ensure consumer {}: {e}",
+                names.events_consumer()
+            ))
+        })?;
+    let timers = timers_stream
+        .get_or_create_consumer(
+            &names.timers_consumer(),
+            consumer::pull::Config {
+                durable_name: Some(names.timers_consumer()),
+                filter_subject: names.timers_due_subject(),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(60),
+                max_ack_pending: 100_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| {
+            Error::Setup(format!(
+                "failed to ensure consumer {}: {e}",
+                names.timers_consumer()
+            ))
+        })?;
+    Ok(Handles {
+        instances: ensure_kv(js, names.instances_bucket(), 1).await?,
+        cases: ensure_kv(js, names.cases_bucket(), 5).await?,
+        definitions: ensure_kv(js, names.definitions_bucket(), 1).await?,
+        events,
+        timers,
+    })
+}
