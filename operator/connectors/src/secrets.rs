@@ -84,6 +84,50 @@ impl StaticSecrets {
         self
     }
 
+    /// The values of `v1` Secret manifests in one namespace (`stringData` as
+    /// it is, `data` base64-decoded), as dev mode reads them beside the
+    /// Workflows. Other documents are skipped.
+    pub fn from_manifests<'a>(
+        documents: impl IntoIterator<Item = &'a serde_json::Value>,
+        namespace: &str,
+    ) -> Self {
+        use base64::Engine;
+        let mut secrets = Self::new();
+        for doc in documents {
+            if doc.get("kind").and_then(|k| k.as_str()) != Some("Secret") {
+                continue;
+            }
+            let ns = doc
+                .pointer("/metadata/namespace")
+                .and_then(|n| n.as_str())
+                .unwrap_or("default");
+            let Some(name) = doc.pointer("/metadata/name").and_then(|n| n.as_str()) else {
+                continue;
+            };
+            if ns != namespace {
+                continue;
+            }
+            for (section, encoded) in [("data", true), ("stringData", false)] {
+                let Some(map) = doc.get(section).and_then(|m| m.as_object()) else {
+                    continue;
+                };
+                for (key, value) in map {
+                    let Some(text) = value.as_str() else { continue };
+                    let bytes = if encoded {
+                        match base64::engine::general_purpose::STANDARD.decode(text) {
+                            Ok(b) => b,
+                            Err(_) => continue,
+                        }
+                    } else {
+                        text.as_bytes().to_vec()
+                    };
+                    secrets.insert(name, key, bytes);
+                }
+            }
+        }
+        secrets
+    }
+
     /// Adds (or replaces) one value.
     pub fn insert(&mut self, name: &str, key: &str, value: impl Into<Vec<u8>>) {
         self.values
@@ -95,6 +139,26 @@ impl std::fmt::Debug for StaticSecrets {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The keys only: values stay out of every log line.
         f.debug_list().entries(self.values.keys()).finish()
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_come_from_string_data_and_base64_data() {
+        let docs = [
+            serde_json::json!({"kind": "Secret", "metadata": {"name": "erp", "namespace": "finance"},
+                "stringData": {"token": "plain"}, "data": {"user": "YWxpY2U="}}),
+            serde_json::json!({"kind": "Secret", "metadata": {"name": "other", "namespace": "elsewhere"},
+                "stringData": {"token": "x"}}),
+            serde_json::json!({"kind": "ConfigMap", "metadata": {"name": "erp"}}),
+        ];
+        let s = StaticSecrets::from_manifests(docs.iter(), "finance");
+        assert_eq!(s.get("erp", "token").unwrap(), b"plain");
+        assert_eq!(s.get("erp", "user").unwrap(), b"alice");
+        assert!(s.get("other", "token").is_err());
     }
 }
 

@@ -67,7 +67,7 @@ pub enum Phase {
 /// schedule. Each item has a deterministic identity, so doing it twice after
 /// a crash is harmless.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", tag = "kind")]
+#[serde(rename_all = "camelCase", tag = "do")]
 pub enum Outbound {
     Emit {
         msg_id: String,

@@ -674,7 +674,7 @@ impl<'a> Machine<'a> {
             }
             _ => {
                 let route = self.route_of(inst, during);
-                self.finish_route(inst, route)
+                self.finish_route(inst, route, "approved")
             }
         }
     }
@@ -704,12 +704,12 @@ impl<'a> Machine<'a> {
             }
             Some(r) => match &r.approval {
                 Some(a) => self.ask(inst, a, during),
-                None => self.finish_route(inst, Some(r)),
+                None => self.finish_route(inst, Some(r), why),
             },
         }
     }
 
-    fn finish_route(&self, inst: &mut Instance, route: Option<&'a CRoute>) -> Step<()> {
+    fn finish_route(&self, inst: &mut Instance, route: Option<&'a CRoute>, why: &str) -> Step<()> {
         let Some(r) = route else {
             inst.step += 1;
             return Ok(());
@@ -721,7 +721,7 @@ impl<'a> Machine<'a> {
             (Some(to), _) => inst.step = to,
             (None, Some(end)) => {
                 let step = self.step_name(inst);
-                self.end(inst, end, format!("ended by the route of step {step}"));
+                self.end(inst, end, format!("step {step}: {why}"));
             }
             (None, None) => self.complete_step(inst, serde_json::json!({"routed": true})),
         }

@@ -1,0 +1,188 @@
+//! The worker against a real nats-server and the simulated ERP over HTTP.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use support::*;
+use tallyman_api::v1alpha1::{CaseDecision, CaseState, Verdict};
+use tallyman_core::audit;
+use tallyman_core::engine::Status;
+
+const NS: &str = "finance";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_become_exactly_one_invoice_each_despite_duplicates_and_disorder() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let n = 40;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        seed_order(&env.erp, &order, 5, "0.10");
+        let (first, second) = if i % 2 == 0 {
+            (
+                ("order.created", order_data(&order)),
+                ("shipment.confirmed", shipment_data(&order, 5)),
+            )
+        } else {
+            (
+                ("shipment.confirmed", shipment_data(&order, 5)),
+                ("order.created", order_data(&order)),
+            )
+        };
+        publish(&js, NS, first.0, &format!("{}-{i}", first.0), &first.1).await;
+        publish(&js, NS, second.0, &format!("{}-{i}", second.0), &second.1).await;
+        if i % 5 == 0 {
+            // A webhook delivered twice: deduplicated by its id.
+            publish(&js, NS, second.0, &format!("{}-{i}", second.0), &second.1).await;
+        }
+    }
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "every instance to complete",
+        Duration::from_secs(30),
+        || stats.completed.load(Ordering::Relaxed) == n,
+    )
+    .await;
+    assert_eq!(env.erp.invoice_count(), n as usize, "one invoice per order");
+    for invoice in env.erp.invoices() {
+        // 2 x 19.99 + 5 x 0.10, digit for digit.
+        assert_eq!(
+            invoice.field("netAmount"),
+            Some("40.48"),
+            "{}",
+            invoice.body
+        );
+    }
+    let inst = run.worker.instance("ORD-7").await.unwrap().unwrap();
+    assert_eq!(inst.status, Status::Completed);
+    run.shutdown().await;
+
+    let (records, unreadable) =
+        tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
+            .await
+            .unwrap();
+    assert!(unreadable.is_empty());
+    let report = audit::verify(&records);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.instances, n as usize);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "4711", 5, "0.10");
+    env.erp.fail_next("/orders", 2, 503);
+    env.erp.rate_limit_next("/invoices", 1, 1);
+    // The first invoice is created but its answer is lost: the retry must
+    // carry the same key and get the same invoice back.
+    env.erp.fail_next_after_commit("/invoices", 1, 503);
+    publish(&js, NS, "order.created", "o-4711", &order_data("4711")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-4711",
+        &shipment_data("4711", 5),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for("the instance to complete", Duration::from_secs(20), || {
+        stats.completed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(env.erp.invoice_count(), 1);
+    assert!(
+        env.erp.duplicates_prevented() >= 1,
+        "the retry was answered from the idempotency key"
+    );
+    assert!(env.erp.requests("/orders") >= 3);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_variance_waits_for_a_second_person_and_then_invoices_what_shipped() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "4712", 9, "250.00");
+    publish(&js, NS, "order.created", "o-4712", &order_data("4712")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-4712",
+        &shipment_data("4712", 5),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for("a case to open", Duration::from_secs(20), || {
+        stats.exceptions.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let cases = run.worker.cases().list().await.unwrap();
+    assert_eq!(cases.len(), 1);
+    let case = &cases[0];
+    assert_eq!(case.spec.reason, "QuantityMismatch");
+    assert_eq!(case.spec.facts["amount"], serde_json::json!("1000.00"));
+    let decide = |who: &str| CaseDecision {
+        approver: who.into(),
+        groups: vec!["finance-controllers".into()],
+        decision: Verdict::Approve,
+        comment: None,
+    };
+    // Whoever confirmed the shipment may not approve its variance.
+    let own = run
+        .worker
+        .cases()
+        .decide(&case.name, decide("wms-operator-17"), chrono::Utc::now())
+        .await;
+    assert!(own.unwrap_err().to_string().contains("may not decide it"));
+    let decided = run
+        .worker
+        .cases()
+        .decide(&case.name, decide("alice"), chrono::Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(decided.status.state, CaseState::Approved);
+    wait_for("the instance to complete", Duration::from_secs(20), || {
+        stats.completed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let invoices = env.erp.invoices();
+    assert_eq!(invoices.len(), 1);
+    // Invoiced as shipped: 2 x 19.99 + 5 x 250.00.
+    assert_eq!(invoices[0].field("netAmount"), Some("1289.98"));
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_await_timeout_fires_from_a_scheduled_timer_even_after_a_restart() {
+    let mut env = env("shipment-to-invoice").await;
+    env.def.spec.steps[0].await_.as_mut().unwrap().timeout = Some("2s".parse().unwrap());
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish(&js, NS, "order.created", "o-4713", &order_data("4713")).await;
+    let stats = run.worker.stats.clone();
+    wait_for("the instance to start", Duration::from_secs(10), || {
+        stats.started.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // The worker goes away; the timer lives in the broker.
+    run.shutdown().await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let stats = run.worker.stats.clone();
+    wait_for("the await to time out", Duration::from_secs(15), || {
+        stats.failed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let inst = run.worker.instance("4713").await.unwrap().unwrap();
+    assert_eq!(inst.status, Status::Failed);
+    assert!(inst.outcome.unwrap().contains("did not arrive in time"));
+    assert_eq!(env.erp.invoice_count(), 0);
+    run.shutdown().await;
+}
