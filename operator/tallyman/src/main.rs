@@ -20,6 +20,11 @@ enum Command {
     Crdgen(cmd::crdgen::Args),
     /// Check manifests as the API server and tallyman would, before anything runs.
     Validate(cmd::validate::Args),
+    /// Run one Workflow against NATS JetStream.
+    Worker(Box<cmd::worker::Args>),
+    /// Work with the audit trail.
+    #[command(subcommand)]
+    Audit(cmd::audit::Command),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +32,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Validate(args) => cmd::validate::run(args),
+        Command::Worker(args) => cmd::worker::run(*args),
+        Command::Audit(command) => cmd::audit::run(command),
     };
     match result {
         Ok(code) => code,

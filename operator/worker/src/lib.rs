@@ -20,7 +20,7 @@ pub mod setup;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use runtime::{Stats, Worker, WorkerConfig};
+pub use runtime::{ACK_WAIT, Stats, Worker, WorkerConfig};
 pub use tallyman_core::engine::{CallPlan, CallResult};
 
 /// Errors of the runtime, by the step that failed.

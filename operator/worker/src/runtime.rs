@@ -14,7 +14,11 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
-    Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+    CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+};
+use tallyman_telemetry::{
+    CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
+    StatusClass, StepLabels, WorkflowLabels,
 };
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
@@ -32,7 +36,14 @@ pub struct WorkerConfig {
     pub caller: Arc<dyn Caller>,
     /// Messages processed concurrently.
     pub max_in_flight: usize,
+    pub metrics: Arc<Metrics>,
+    /// How long the broker waits for an ack before it redelivers a message
+    /// to another replica (calls that retry keep their message alive).
+    pub ack_wait: Duration,
 }
+
+/// The default ack wait.
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// Counters for tests, status and metrics.
 #[derive(Debug, Default)]
@@ -70,6 +81,8 @@ pub struct Worker {
     cache: Mutex<HashMap<String, (u64, Instance)>>,
     max_in_flight: usize,
     pub stats: Arc<Stats>,
+    metrics: Arc<Metrics>,
+    labels: WorkflowLabels,
 }
 
 /// The wire form of a canonical event; `data` stays raw JSON text.
@@ -136,6 +149,7 @@ impl Worker {
             &names,
             &compiled.def.spec.trigger.events,
             (config.max_in_flight as i64 * 4).max(1024),
+            config.ack_wait,
         )
         .await?;
         let definition =
@@ -170,6 +184,8 @@ impl Worker {
             cache: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
             stats: Arc::new(Stats::default()),
+            labels: WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow),
+            metrics: config.metrics,
         }))
     }
 
@@ -191,7 +207,8 @@ impl Worker {
         let events = tokio::spawn(self.clone().consume_events(shutdown.clone()));
         let timers = tokio::spawn(self.clone().consume_timers(shutdown.clone()));
         let cases = tokio::spawn(self.clone().watch_cases(shutdown.clone()));
-        let results = [events.await, timers.await, cases.await];
+        let lag = tokio::spawn(self.clone().watch_lag(shutdown.clone()));
+        let results = [events.await, timers.await, cases.await, lag.await];
         for r in results {
             match r {
                 Ok(Err(e)) => return Err(e),
@@ -242,7 +259,35 @@ impl Worker {
         Ok(())
     }
 
+    /// Consumer lag for `tallyman_worker_consumer_pending`.
+    async fn watch_lag(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let mut consumer = self.handles.events.clone();
+        loop {
+            if let Ok(info) = consumer.info().await {
+                self.metrics
+                    .worker
+                    .consumer_pending
+                    .get_or_create(&self.labels)
+                    .set(info.num_pending as i64);
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
     async fn handle_event(&self, msg: jetstream::Message) {
+        let started = std::time::Instant::now();
+        self.handle_event_inner(msg).await;
+        self.metrics
+            .worker
+            .message_duration
+            .get_or_create(&self.labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn handle_event_inner(&self, msg: jetstream::Message) {
         self.stats.events.fetch_add(1, Ordering::Relaxed);
         let ev = match serde_json::from_slice::<WireEvent>(&msg.payload) {
             Ok(w) => Event {
@@ -258,6 +303,15 @@ impl Worker {
                 return;
             }
         };
+        self.metrics
+            .worker
+            .events_received
+            .get_or_create(&EventLabels {
+                namespace: self.labels.namespace.clone(),
+                workflow: self.labels.workflow.clone(),
+                r#type: ev.type_.clone(),
+            })
+            .inc();
         let key = match Machine::correlate(&self.current, &ev) {
             Ok(k) => k,
             Err(e) => {
@@ -357,6 +411,11 @@ impl Worker {
                 && inst.has_applied(&ev.id)
             {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .worker
+                    .events_duplicate
+                    .get_or_create(&self.labels)
+                    .inc();
                 return Ok(());
             }
             let compiled = self.compiled(&inst.revision).await?;
@@ -379,11 +438,11 @@ impl Worker {
                 next = match next {
                     Next::Idle => break,
                     Next::Call(plan) => {
-                        let result = self.caller.call(&plan, &heartbeat).await;
+                        let result = self.timed_call(&plan, &heartbeat).await;
                         machine.apply(&mut inst, Input::CallDone(result))
                     }
                     Next::Lookup(plan) => {
-                        let result = self.caller.call(&plan, &heartbeat).await;
+                        let result = self.timed_call(&plan, &heartbeat).await;
                         machine.apply(&mut inst, Input::LookupDone(result))
                     }
                 };
@@ -426,6 +485,11 @@ impl Worker {
                 }
                 Err((true, _)) => {
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .worker
+                        .cas_conflicts
+                        .get_or_create(&self.labels)
+                        .inc();
                     self.cache.lock().expect("cache lock").remove(key);
                     debug!(key, "instance changed under us; retrying");
                     continue;
@@ -448,26 +512,91 @@ impl Worker {
         cache.insert(key.to_string(), (revision, inst));
     }
 
+    /// One call, timed for `tallyman_worker_call_duration_seconds`.
+    async fn timed_call(
+        &self,
+        plan: &tallyman_core::engine::CallPlan,
+        heartbeat: &(dyn Fn() + Send + Sync),
+    ) -> CallResult {
+        let started = std::time::Instant::now();
+        let result = self.caller.call(plan, heartbeat).await;
+        let (status_class, attempts) = match &result {
+            CallResult::Response {
+                status, attempts, ..
+            } => (StatusClass::from_status(*status), *attempts),
+            CallResult::Failed {
+                status: Some(s),
+                attempts,
+                ..
+            } => (StatusClass::from_status(*s), *attempts),
+            CallResult::Failed { attempts, .. } => (StatusClass::NoResponse, *attempts),
+        };
+        let labels = CallLabels {
+            namespace: self.labels.namespace.clone(),
+            workflow: self.labels.workflow.clone(),
+            connector: plan.connector.clone(),
+            action: plan.action.clone(),
+            status_class,
+        };
+        let w = &self.metrics.worker;
+        w.call_duration
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        w.call_attempts
+            .get_or_create(&labels)
+            .inc_by(attempts as u64);
+        result
+    }
+
     fn count(&self, inst: &Instance, new: bool, was_running: bool) {
+        use tallyman_core::audit::AuditKind;
         use tallyman_core::engine::Status;
+        let w = &self.metrics.worker;
         if new {
             self.stats.started.fetch_add(1, Ordering::Relaxed);
+            w.instances_started.get_or_create(&self.labels).inc();
+            w.instances_running.get_or_create(&self.labels).inc();
         }
         if was_running && !inst.is_running() {
-            let c = match inst.status {
-                Status::Completed => &self.stats.completed,
-                Status::Rejected => &self.stats.rejected,
-                _ => &self.stats.failed,
+            let (c, outcome) = match inst.status {
+                Status::Completed => (&self.stats.completed, InstanceOutcome::Completed),
+                Status::Rejected => (&self.stats.rejected, InstanceOutcome::Rejected),
+                _ => (&self.stats.failed, InstanceOutcome::Failed),
             };
             c.fetch_add(1, Ordering::Relaxed);
+            w.instances_running.get_or_create(&self.labels).dec();
+            w.instances_ended
+                .get_or_create(&InstanceEndLabels {
+                    namespace: self.labels.namespace.clone(),
+                    workflow: self.labels.workflow.clone(),
+                    outcome,
+                })
+                .inc();
         }
         for o in &inst.outbox {
             match o {
-                Outbound::OpenCase(_) => {
+                Outbound::OpenCase(req) => {
                     self.stats.exceptions.fetch_add(1, Ordering::Relaxed);
+                    w.exceptions_opened
+                        .get_or_create(&ExceptionLabels {
+                            namespace: self.labels.namespace.clone(),
+                            workflow: self.labels.workflow.clone(),
+                            reason: req.reason.clone(),
+                        })
+                        .inc();
                 }
-                Outbound::DeadLetter { .. } => {
+                Outbound::DeadLetter { step, .. } => {
                     self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    w.dead_letters
+                        .get_or_create(&StepLabels {
+                            namespace: self.labels.namespace.clone(),
+                            workflow: self.labels.workflow.clone(),
+                            step: step.clone(),
+                        })
+                        .inc();
+                }
+                Outbound::Audit(record) if record.kind == AuditKind::SlaBreached => {
+                    w.sla_breaches.get_or_create(&self.labels).inc();
                 }
                 _ => {}
             }

@@ -78,6 +78,7 @@ pub async fn ensure(
     names: &Names,
     trigger_events: &[String],
     max_ack_pending: i64,
+    ack_wait: Duration,
 ) -> Result<Handles, Error> {
     let events_stream = ensure_namespace(js, names).await?;
     let timers_stream =
@@ -92,7 +93,7 @@ pub async fn ensure(
                     .map(|t| names.event_subject(t))
                     .collect(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
+                ack_wait,
                 max_ack_pending,
                 ..Default::default()
             },
@@ -111,7 +112,7 @@ pub async fn ensure(
                 durable_name: Some(names.timers_consumer()),
                 filter_subject: names.timers_due_subject(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(60),
+                ack_wait,
                 max_ack_pending: 100_000,
                 ..Default::default()
             },

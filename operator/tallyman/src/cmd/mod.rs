@@ -1,2 +1,5 @@
+pub mod audit;
 pub mod crdgen;
+pub mod manifests;
 pub mod validate;
+pub mod worker;

@@ -75,6 +75,8 @@ pub async fn start(nats: &str, def: &Definition, secrets: &StaticSecrets, erp: &
         definition: def.clone(),
         caller: Arc::new(caller),
         max_in_flight: 64,
+        metrics: Arc::new(tallyman_telemetry::Metrics::new()),
+        ack_wait: tallyman_worker::ACK_WAIT,
     })
     .await
     .expect("worker starts");

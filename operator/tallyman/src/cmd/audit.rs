@@ -1,0 +1,86 @@
+//! `tallyman audit verify`: read the audit stream and check every instance's
+//! hash chain.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use tallyman_core::audit::{self, Problem, ProblemKind};
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Verify the hash chains of the audit stream: exit 0 when intact, 1 when
+    /// a record was modified, removed or reordered.
+    Verify(VerifyArgs),
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    #[arg(
+        long,
+        env = "TALLYMAN_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Only this Workflow's records.
+    #[arg(long)]
+    workflow: Option<String>,
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
+    let Command::Verify(args) = cmd;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async {
+        let client = async_nats::connect(&args.nats)
+            .await
+            .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
+        let (records, unreadable) =
+            tallyman_worker::audit::read(client, &args.namespace, args.workflow.as_deref()).await?;
+        let mut report = audit::verify(&records);
+        for (seq, why) in unreadable {
+            report.problems.push(Problem {
+                namespace: args.namespace.clone(),
+                workflow: args.workflow.clone().unwrap_or_default(),
+                key: String::new(),
+                seq,
+                kind: ProblemKind::Modified,
+                message: format!("stream message {seq} is not an audit record: {why}"),
+            });
+        }
+        match args.output {
+            Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            Output::Text => {
+                for p in &report.problems {
+                    println!("{p}");
+                }
+                println!(
+                    "{} records of {} instances: {}",
+                    report.records,
+                    report.instances,
+                    if report.is_ok() {
+                        "every chain verifies".to_string()
+                    } else {
+                        format!("{} problems", report.problems.len())
+                    }
+                );
+            }
+        }
+        Ok(if report.is_ok() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}

@@ -1,0 +1,179 @@
+//! `tallyman worker`: run one Workflow against NATS JetStream.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tallyman_connectors::{MountedSecrets, SecretSource, StaticSecrets};
+use tallyman_core::engine::Definition;
+use tallyman_telemetry::{Metrics, Readiness};
+use tallyman_worker::calls::RestCaller;
+use tallyman_worker::{Worker, WorkerConfig};
+use tokio::sync::watch;
+
+use super::manifests;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// NATS server URL.
+    #[arg(
+        long,
+        env = "TALLYMAN_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats: String,
+    /// The resolved definition (JSON, as the operator writes it into the
+    /// worker's ConfigMap).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["manifests", "workflow"])]
+    definition: Option<PathBuf>,
+    /// Manifests to resolve the Workflow from (files or directories).
+    #[arg(long, value_name = "DIR", requires = "workflow")]
+    manifests: Option<PathBuf>,
+    /// The Workflow to run, with --manifests.
+    #[arg(long, value_name = "NAME")]
+    workflow: Option<String>,
+    /// Namespace of the Workflow, with --manifests.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Mounted Secrets: DIR/<secret>/<key>. Without it, Secrets come from --manifests.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Point a Connector at another base URL: NAME=URL (repeatable).
+    #[arg(long = "connector-url", value_name = "NAME=URL")]
+    connector_urls: Vec<String>,
+    /// Where /healthz, /readyz and /metrics are served.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    listen: SocketAddr,
+    /// Messages processed concurrently (default: the Workflow's workers.maxInFlight).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// NATS connections in the pool.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// How long before an unacknowledged message goes to another replica (e.g. 30s).
+    #[arg(long, default_value = "30s")]
+    ack_wait: tallyman_api::v1alpha1::Duration,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    tallyman_telemetry::init_tracing("worker");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(serve(args))
+}
+
+/// `NAME=URL` pairs.
+pub fn parse_urls(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((name, url)) if !name.is_empty() && !url.is_empty() => {
+                Ok((name.to_string(), url.to_string()))
+            }
+            _ => bail!("--connector-url takes NAME=URL, got {p:?}"),
+        })
+        .collect()
+}
+
+async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    let (definition, secrets): (Definition, Box<dyn SecretSource>) =
+        match (&args.definition, &args.manifests) {
+            (Some(file), _) => {
+                let text = std::fs::read(file)
+                    .with_context(|| format!("failed to read {}", file.display()))?;
+                let def: Definition = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is not a definition", file.display()))?;
+                let secrets = MountedSecrets::new(
+                    args.secrets_dir
+                        .clone()
+                        .unwrap_or_else(|| "/var/run/tallyman/secrets".into()),
+                );
+                (def, Box::new(secrets))
+            }
+            (None, Some(dir)) => {
+                let name = args.workflow.as_deref().expect("clap requires --workflow");
+                let set = manifests::load_valid(std::slice::from_ref(dir))?;
+                let def = set.definition(&args.namespace, name)?;
+                let secrets: Box<dyn SecretSource> = match &args.secrets_dir {
+                    Some(d) => Box::new(MountedSecrets::new(d.clone())),
+                    None => Box::new(StaticSecrets::from_manifests(
+                        set.documents(),
+                        &args.namespace,
+                    )),
+                };
+                (def, secrets)
+            }
+            (None, None) => {
+                bail!("give --definition FILE, or --manifests DIR with --workflow NAME")
+            }
+        };
+    let urls = parse_urls(&args.connector_urls)?;
+    let caller = RestCaller::new(&definition, secrets.as_ref(), &urls)?;
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(
+            async_nats::ConnectOptions::new()
+                .name(format!(
+                    "tallyman-worker/{}/{}",
+                    definition.namespace, definition.workflow
+                ))
+                .connect(&args.nats)
+                .await
+                .with_context(|| format!("failed to connect to NATS at {}", args.nats))?,
+        );
+    }
+    let metrics = Arc::new(Metrics::new());
+    let ready = Readiness::new();
+    let (stop, stopped) = watch::channel(false);
+    let mut http_stop = stopped.clone();
+    let (addr, http) =
+        tallyman_telemetry::serve(args.listen, metrics.clone(), ready.clone(), async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        })
+        .await?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let max_in_flight = args
+        .max_in_flight
+        .unwrap_or(definition.spec.workers.max_in_flight as usize);
+    let worker = Worker::new(WorkerConfig {
+        clients,
+        definition,
+        caller: Arc::new(caller),
+        max_in_flight,
+        metrics,
+        ack_wait: args.ack_wait.as_std(),
+    })
+    .await?;
+    ready.set_ready(true);
+    let task = tokio::spawn(worker.run(stopped));
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing the messages in flight");
+    ready.set_ready(false);
+    let _ = stop.send(true);
+    task.await??;
+    let _ = http.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C (a terminal).
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
