@@ -63,9 +63,13 @@ pub async fn read(
         };
         read += 1;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        match serde_json::from_slice::<AuditRecord>(&msg.payload) {
-            Ok(r) => records.push(r),
-            Err(e) => unreadable.push((seq, e.to_string())),
+        // One message holds the records of one commit, in chain order.
+        match serde_json::from_slice::<Vec<AuditRecord>>(&msg.payload) {
+            Ok(batch) => records.extend(batch),
+            Err(e) => match serde_json::from_slice::<AuditRecord>(&msg.payload) {
+                Ok(r) => records.push(r),
+                Err(_) => unreadable.push((seq, e.to_string())),
+            },
         }
     }
     Ok((records, unreadable))

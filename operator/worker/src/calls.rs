@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
 
 use tallyman_connectors::SecretSource;
 use tallyman_connectors::rest::{CallError, CallRequest, RestClient};
 use tallyman_core::engine::{CallPlan, CallResult, Definition};
+use tokio::sync::Notify;
 
 use crate::{Caller, Error};
 
@@ -39,6 +42,27 @@ impl RestCaller {
     }
 }
 
+impl RestCaller {
+    fn client(&self, plan: &CallPlan) -> Result<&RestClient, CallResult> {
+        self.clients
+            .get(&plan.connector)
+            .ok_or_else(|| CallResult::Failed {
+                message: format!("no REST client for Connector {}", plan.connector),
+                status: None,
+                attempts: 0,
+            })
+    }
+}
+
+fn request(plan: &CallPlan) -> CallRequest {
+    CallRequest {
+        action: plan.action.clone(),
+        params: plan.params.clone(),
+        body: plan.body.clone(),
+        idempotency_key: Some(plan.idempotency_key.clone()),
+    }
+}
+
 impl Caller for RestCaller {
     fn call<'a>(
         &'a self,
@@ -46,49 +70,82 @@ impl Caller for RestCaller {
         heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = CallResult> + Send + 'a>> {
         Box::pin(async move {
-            let Some(client) = self.clients.get(&plan.connector) else {
-                return CallResult::Failed {
-                    message: format!("no REST client for Connector {}", plan.connector),
-                    status: None,
-                    attempts: 0,
-                };
+            let client = match self.client(plan) {
+                Ok(c) => c,
+                Err(failed) => return failed,
             };
-            let request = CallRequest {
-                action: plan.action.clone(),
-                params: plan.params.clone(),
-                body: plan.body.clone(),
-                idempotency_key: Some(plan.idempotency_key.clone()),
+            result(client.call(&request(plan), &|_, _| heartbeat()).await)
+        })
+    }
+
+    fn call_once<'a>(
+        &'a self,
+        plan: &'a CallPlan,
+        heartbeat: &'a (dyn Fn() + Send + Sync),
+    ) -> Pin<Box<dyn Future<Output = (CallResult, Option<Duration>)> + Send + 'a>> {
+        Box::pin(async move {
+            let client = match self.client(plan) {
+                Ok(c) => c,
+                Err(failed) => return (failed, None),
             };
-            match client.call(&request, &|_, _| heartbeat()).await {
-                Ok(r) => CallResult::Response {
-                    status: r.status,
-                    headers: r.headers,
-                    body: r.body,
-                    attempts: r.attempts,
-                },
-                Err(CallError::Rejected {
-                    status,
-                    body,
-                    attempts,
-                }) => CallResult::Failed {
-                    message: format!(
-                        "HTTP {status}: {}",
-                        body.chars().take(200).collect::<String>()
-                    ),
-                    status: Some(status),
-                    attempts,
-                },
-                Err(CallError::Exhausted { attempts, last }) => CallResult::Failed {
-                    message: format!("gave up after {attempts} attempts: {last}"),
-                    status: None,
-                    attempts,
-                },
-                Err(e) => CallResult::Failed {
-                    message: e.to_string(),
-                    status: None,
-                    attempts: 0,
-                },
+            // The client retries by itself; it announces a retry before it
+            // waits for it, when the failed attempt is over. Stop it there.
+            let retry = Mutex::new(None);
+            let retrying = Notify::new();
+            let on_retry = |_: u32, wait: Duration| {
+                heartbeat();
+                *retry.lock().expect("retry lock") = Some(wait);
+                retrying.notify_one();
+            };
+            let request = request(plan);
+            tokio::select! {
+                biased;
+                r = client.call(&request, &on_retry) => (result(r), None),
+                _ = retrying.notified() => {
+                    let wait = retry.lock().expect("retry lock").take();
+                    (
+                        CallResult::Failed {
+                            message: "the attempt failed and may be retried".into(),
+                            status: None,
+                            attempts: 1,
+                        },
+                        wait,
+                    )
+                }
             }
         })
+    }
+}
+
+fn result(r: Result<tallyman_connectors::rest::Response, CallError>) -> CallResult {
+    match r {
+        Ok(r) => CallResult::Response {
+            status: r.status,
+            headers: r.headers,
+            body: r.body,
+            attempts: r.attempts,
+        },
+        Err(CallError::Rejected {
+            status,
+            body,
+            attempts,
+        }) => CallResult::Failed {
+            message: format!(
+                "HTTP {status}: {}",
+                body.chars().take(200).collect::<String>()
+            ),
+            status: Some(status),
+            attempts,
+        },
+        Err(CallError::Exhausted { attempts, last }) => CallResult::Failed {
+            message: format!("gave up after {attempts} attempts: {last}"),
+            status: None,
+            attempts,
+        },
+        Err(e) => CallResult::Failed {
+            message: e.to_string(),
+            status: None,
+            attempts: 0,
+        },
     }
 }

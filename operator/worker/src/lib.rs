@@ -46,4 +46,17 @@ pub trait Caller: Send + Sync {
         plan: &'a CallPlan,
         heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = CallResult> + Send + 'a>>;
+
+    /// One attempt, no retries: for a call guarded by a `lookup`, which must
+    /// look again before it tries again (the system has no idempotency key
+    /// that would recognise a retry of a request it already carried out).
+    /// Returns how long to wait before the next attempt when this one failed
+    /// in a way worth retrying (5xx, 429, no answer).
+    fn call_once<'a>(
+        &'a self,
+        plan: &'a CallPlan,
+        heartbeat: &'a (dyn Fn() + Send + Sync),
+    ) -> Pin<Box<dyn Future<Output = (CallResult, Option<std::time::Duration>)> + Send + 'a>> {
+        Box::pin(async move { (self.call(plan, heartbeat).await, None) })
+    }
 }

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
-    CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+    CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -424,6 +424,9 @@ impl Worker {
             inst.outbox.clear();
             let machine = Machine::new(&compiled, Utc::now());
             let mut next = machine.apply(&mut inst, input.clone());
+            // The lookup guarding the call about to be made, and the
+            // attempts of that call so far: every retry looks up first.
+            let mut guard: Option<(CallPlan, u32)> = None;
             loop {
                 let heartbeat = {
                     let msg = msg.clone();
@@ -437,12 +440,49 @@ impl Worker {
                 };
                 next = match next {
                     Next::Idle => break,
-                    Next::Call(plan) => {
-                        let result = self.timed_call(&plan, &heartbeat).await;
-                        machine.apply(&mut inst, Input::CallDone(result))
-                    }
+                    Next::Call(plan) => match guard.take().filter(|(l, _)| l.step == plan.step) {
+                        None => {
+                            let (result, _) = self.timed_call(&plan, &heartbeat, false).await;
+                            machine.apply(&mut inst, Input::CallDone(result))
+                        }
+                        Some((lookup, attempts)) => {
+                            let (result, retry_in) = self.timed_call(&plan, &heartbeat, true).await;
+                            let attempts = attempts + 1;
+                            let retry = compiled
+                                .def
+                                .connectors
+                                .get(&plan.connector)
+                                .and_then(|c| c.rest.as_ref())
+                                .map(|r| r.retry.clone())
+                                .unwrap_or_default();
+                            match retry_in {
+                                Some(wait) if attempts < retry.max_attempts => {
+                                    heartbeat();
+                                    let wait = backoff(wait, attempts, retry.max_backoff.as_std());
+                                    tokio::time::sleep(wait).await;
+                                    heartbeat();
+                                    let (found, _) =
+                                        self.timed_call(&lookup, &heartbeat, false).await;
+                                    guard = Some((lookup, attempts));
+                                    machine.apply(&mut inst, Input::LookupDone(found))
+                                }
+                                Some(_) => machine.apply(
+                                    &mut inst,
+                                    Input::CallDone(CallResult::Failed {
+                                        message: format!(
+                                            "gave up after {attempts} attempts, each after a lookup that found nothing"
+                                        ),
+                                        status: None,
+                                        attempts,
+                                    }),
+                                ),
+                                None => machine.apply(&mut inst, Input::CallDone(result)),
+                            }
+                        }
+                    },
                     Next::Lookup(plan) => {
-                        let result = self.timed_call(&plan, &heartbeat).await;
+                        let (result, _) = self.timed_call(&plan, &heartbeat, false).await;
+                        guard = Some((plan, 0));
                         machine.apply(&mut inst, Input::LookupDone(result))
                     }
                 };
@@ -512,14 +552,20 @@ impl Worker {
         cache.insert(key.to_string(), (revision, inst));
     }
 
-    /// One call, timed for `tallyman_worker_call_duration_seconds`.
+    /// One call, timed for `tallyman_worker_call_duration_seconds`; `once`:
+    /// one attempt, see [`Caller::call_once`].
     async fn timed_call(
         &self,
-        plan: &tallyman_core::engine::CallPlan,
+        plan: &CallPlan,
         heartbeat: &(dyn Fn() + Send + Sync),
-    ) -> CallResult {
+        once: bool,
+    ) -> (CallResult, Option<Duration>) {
         let started = std::time::Instant::now();
-        let result = self.caller.call(plan, heartbeat).await;
+        let (result, retry_in) = if once {
+            self.caller.call_once(plan, heartbeat).await
+        } else {
+            (self.caller.call(plan, heartbeat).await, None)
+        };
         let (status_class, attempts) = match &result {
             CallResult::Response {
                 status, attempts, ..
@@ -545,7 +591,7 @@ impl Worker {
         w.call_attempts
             .get_or_create(&labels)
             .inc_by(attempts as u64);
-        result
+        (result, retry_in)
     }
 
     fn count(&self, inst: &Instance, new: bool, was_running: bool) {
@@ -631,7 +677,9 @@ impl Worker {
     }
 
     /// Publish what a stored state asks for. Every item has a deterministic
-    /// message id, so publishing again after a crash is deduplicated.
+    /// message id, so publishing again after a crash is deduplicated. The
+    /// audit records of one commit travel in one message (a JSON array, in
+    /// chain order): one stored write instead of one per record.
     async fn publish_outbox(&self, inst: &Instance) -> Result<(), Error> {
         if inst.outbox.is_empty() {
             return Ok(());
@@ -642,9 +690,39 @@ impl Worker {
             self.names.namespace, self.names.workflow, inst.key
         );
         let now = Utc::now();
-        let mut acks = Vec::with_capacity(inst.outbox.len());
+        let mut acks = Vec::with_capacity(4);
+        let send =
+            |subject: String, msg_id: String, payload: String, headers: Option<HeaderMap>| {
+                let mut publish = Publish::build()
+                    .message_id(msg_id)
+                    .payload(Bytes::from(payload));
+                for (name, values) in headers.iter().flat_map(|h| h.iter()) {
+                    for v in values {
+                        publish = publish.header(name.clone(), v.clone());
+                    }
+                }
+                (subject, publish)
+            };
+        let mut messages = Vec::with_capacity(4);
+        let audits: Vec<&tallyman_core::audit::AuditRecord> = inst
+            .outbox
+            .iter()
+            .filter_map(|o| match o {
+                Outbound::Audit(r) => Some(&**r),
+                _ => None,
+            })
+            .collect();
+        if let (Some(first), Some(last)) = (audits.first(), audits.last()) {
+            messages.push(send(
+                self.names.audit_subject(),
+                format!("{prefix}/audit/{}-{}", first.seq, last.seq),
+                serde_json::to_string(&audits).map_err(|e| Error::Publish(e.to_string()))?,
+                None,
+            ));
+        }
         for item in &inst.outbox {
-            let (subject, msg_id, payload, headers) = match item {
+            match item {
+                Outbound::Audit(_) => {}
                 Outbound::Emit { msg_id, type_, data } => {
                     let payload = format!(
                         r#"{{"id":{},"type":{},"source":{},"time":{},"data":{data}}}"#,
@@ -653,36 +731,36 @@ impl Worker {
                         json_str(&format!("tallyman/{}/{}", self.names.namespace, self.names.workflow)),
                         json_str(&now.to_rfc3339_opts(SecondsFormat::Millis, true)),
                     );
-                    (self.names.event_subject(type_), msg_id.clone(), payload, None)
+                    messages.push(send(self.names.event_subject(type_), msg_id.clone(), payload, None));
                 }
-                Outbound::Audit(record) => (
-                    self.names.audit_subject(),
-                    format!("{prefix}/audit/{}", record.seq),
-                    serde_json::to_string(record).map_err(|e| Error::Publish(e.to_string()))?,
-                    None,
-                ),
-                Outbound::DeadLetter { msg_id, step, reason } => (
+                Outbound::DeadLetter { msg_id, step, reason } => messages.push(send(
                     self.names.dlq_subject(),
                     msg_id.clone(),
                     serde_json::json!({"workflow": self.names.workflow, "key": inst.key, "step": step, "reason": reason})
                         .to_string(),
                     None,
-                ),
-                Outbound::Timer { token, due_ms } => {
+                )),
+                Outbound::Wake { due_ms } => {
+                    // One schedule subject per instance: a newer wake-up
+                    // replaces the schedule instead of adding one.
                     let (subject, headers) = self.schedule(*due_ms);
                     let payload = serde_json::to_string(&TimerMsg {
                         key: inst.key.clone(),
-                        token: token.clone(),
+                        token: "wake".into(),
                         due_ms: *due_ms,
                         case: None,
                     })
                     .map_err(|e| Error::Publish(e.to_string()))?;
-                    (subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(token))), token.clone(), payload, headers)
+                    messages.push(send(
+                        subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&prefix))),
+                        format!("{prefix}/wake/{due_ms}"),
+                        payload,
+                        headers,
+                    ));
                 }
                 Outbound::OpenCase(req) => {
-                    let record = self.cases.open(req, now).await?;
+                    self.cases.open(req, now).await?;
                     let Some(deadline) = req.deadline_ms else { continue };
-                    let _ = record;
                     let token = format!("{prefix}/case/{}", req.name);
                     let (subject, headers) = self.schedule(deadline);
                     let payload = serde_json::to_string(&TimerMsg {
@@ -692,24 +770,21 @@ impl Worker {
                         case: Some(req.name.clone()),
                     })
                     .map_err(|e| Error::Publish(e.to_string()))?;
-                    (subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token))), token, payload, headers)
-                }
-            };
-            let mut publish = Publish::build()
-                .message_id(msg_id)
-                .payload(Bytes::from(payload));
-            if let Some(h) = headers {
-                for (name, values) in h.iter() {
-                    for v in values {
-                        publish = publish.header(name.clone(), v.clone());
-                    }
+                    messages.push(send(
+                        subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token))),
+                        token,
+                        payload,
+                        headers,
+                    ));
                 }
             }
-            let ack = js
-                .send_publish(subject, publish)
-                .await
-                .map_err(|e| Error::Publish(e.to_string()))?;
-            acks.push(ack);
+        }
+        for (subject, publish) in messages {
+            acks.push(
+                js.send_publish(subject, publish)
+                    .await
+                    .map_err(|e| Error::Publish(e.to_string()))?,
+            );
         }
         for ack in acks {
             ack.await.map_err(|e| Error::Publish(e.to_string()))?;
@@ -779,16 +854,7 @@ impl Worker {
         }
         self.stats.timers.fetch_add(1, Ordering::Relaxed);
         let result = match &timer.case {
-            None => {
-                self.process(
-                    &timer.key,
-                    Input::Timer {
-                        token: timer.token.clone(),
-                    },
-                    None,
-                )
-                .await
-            }
+            None => self.process(&timer.key, Input::Wake, None).await,
             Some(case) => self.case_deadline(&timer, case, now).await,
         };
         match result {
@@ -920,6 +986,14 @@ impl Worker {
             Err(e) => Err(Error::Store(e.to_string())),
         }
     }
+}
+
+/// The wait before attempt `attempts + 1` of a guarded call: the client's
+/// first backoff (jittered, at least any `Retry-After`), doubled per attempt
+/// made, capped at the Connector's `maxBackoff` (or the `Retry-After`).
+fn backoff(first: Duration, attempts: u32, max: Duration) -> Duration {
+    let doubled = first.saturating_mul(1 << attempts.saturating_sub(1).min(16));
+    doubled.min(max.max(first))
 }
 
 fn json_str(s: &str) -> String {

@@ -71,10 +71,16 @@ impl Program {
         &self.refs
     }
 
-    /// Evaluate with the variables `vars` provides.
+    /// Evaluate with the variables `vars` provides. Only the variables the
+    /// expression refers to are bound, each converted once, so a variable
+    /// read inside a comprehension is not converted again per element.
     pub fn eval(&self, vars: &dyn VariableResolver) -> Result<Value, EvalError> {
         let mut ctx = library().new_inner_scope();
-        ctx.set_variable_resolver(vars);
+        for name in &self.refs.variables {
+            if let Some(value) = vars.resolve(name) {
+                ctx.add_variable_from_value(name.clone(), value);
+            }
+        }
         Value::resolve(&self.expr, &ctx).map_err(|e| EvalError {
             expression: self.source.to_string(),
             message: e.to_string(),

@@ -78,8 +78,9 @@ pub enum Outbound {
     },
     Audit(Box<AuditRecord>),
     OpenCase(Box<CaseRequest>),
-    Timer {
-        token: String,
+    /// Wake the instance at `due_ms` (its earliest armed timer). One
+    /// schedule per instance, replaced as its timers change.
+    Wake {
         due_ms: i64,
     },
     DeadLetter {
@@ -139,6 +140,12 @@ pub struct Instance {
     pub sla_due_ms: Option<i64>,
     pub sla_timer: Option<String>,
     pub sla_breached: bool,
+    /// Armed timers: token → due time (unix ms).
+    #[serde(default)]
+    pub timers: BTreeMap<String, i64>,
+    /// The wake-up currently scheduled with the broker.
+    #[serde(default)]
+    pub wake_ms: Option<i64>,
     /// Counter behind timer tokens, emit ids and case names.
     pub seq: u64,
     pub audit_seq: u64,
@@ -166,6 +173,8 @@ impl Instance {
             sla_due_ms: None,
             sla_timer: None,
             sla_breached: false,
+            timers: BTreeMap::new(),
+            wake_ms: None,
             seq: 0,
             audit_seq: 0,
             audit_hash: GENESIS.to_string(),

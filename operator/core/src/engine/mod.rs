@@ -37,6 +37,8 @@ use crate::policy::Ruling;
 #[derive(Clone, Debug, PartialEq)]
 pub enum Input {
     Event(Event),
+    /// The instance's scheduled wake-up: fire every armed timer that is due.
+    Wake,
     Timer {
         token: String,
     },
@@ -93,13 +95,52 @@ pub enum CallResult {
 pub struct Machine<'a> {
     def: &'a Compiled,
     now: DateTime<Utc>,
+    /// Parsed event data, responses and variables, reused across the
+    /// expressions of one apply instead of parsed per expression.
+    cache: std::cell::RefCell<EnvCache>,
+}
+
+#[derive(Default)]
+struct EnvCache {
+    /// Event type → (event id, value).
+    events: std::collections::HashMap<String, (String, Value)>,
+    /// Step name → (response text, value).
+    responses: std::collections::HashMap<String, (String, Value)>,
+    /// Variable name → (JSON text, value).
+    vars: std::collections::HashMap<String, (String, Value)>,
+}
+
+/// The parsed value of `text`, from `cache` when `tag` (the text itself or
+/// an id that identifies it) is unchanged.
+fn cached(
+    cache: &mut std::collections::HashMap<String, (String, Value)>,
+    name: &str,
+    tag: &str,
+    text: &str,
+    what: &str,
+) -> Step<Value> {
+    if let Some((t, v)) = cache.get(name)
+        && t == tag
+    {
+        return Ok(v.clone());
+    }
+    let v = json::parse(text.as_bytes()).map_err(|e| EvalError {
+        expression: what.to_string(),
+        message: e.0,
+    })?;
+    cache.insert(name.to_string(), (tag.to_string(), v.clone()));
+    Ok(v)
 }
 
 type Step<T> = Result<T, EvalError>;
 
 impl<'a> Machine<'a> {
     pub fn new(def: &'a Compiled, now: DateTime<Utc>) -> Self {
-        Self { def, now }
+        Self {
+            def,
+            now,
+            cache: Default::default(),
+        }
     }
 
     fn now_ms(&self) -> i64 {
@@ -108,9 +149,64 @@ impl<'a> Machine<'a> {
 
     /// Apply one input and run until the instance blocks.
     pub fn apply(&self, inst: &mut Instance, input: Input) -> Next {
+        let next = self.apply_input(inst, input);
+        if next == Next::Idle {
+            self.rearm(inst);
+        }
+        next
+    }
+
+    /// Drop timers nothing waits for any more and schedule the earliest of
+    /// the rest, when it changed.
+    fn rearm(&self, inst: &mut Instance) {
+        let live = |token: &String| {
+            inst.sla_timer.as_ref() == Some(token)
+                || match &inst.wait {
+                    Some(Wait::Events { timer: Some(t) }) | Some(Wait::Timer { timer: t }) => {
+                        t == token
+                    }
+                    _ => false,
+                }
+        };
+        let stale: Vec<String> = inst.timers.keys().filter(|t| !live(t)).cloned().collect();
+        for t in stale {
+            inst.timers.remove(&t);
+        }
+        if !inst.is_running() {
+            inst.timers.clear();
+        }
+        let earliest = inst.timers.values().min().copied();
+        if let Some(due_ms) = earliest
+            && earliest != inst.wake_ms
+        {
+            inst.outbox.push(Outbound::Wake { due_ms });
+        }
+        inst.wake_ms = earliest;
+    }
+
+    fn apply_input(&self, inst: &mut Instance, input: Input) -> Next {
         inst.updated_ms = self.now_ms();
         if inst.audit_seq == 0 {
             self.start(inst);
+        }
+        if input == Input::Wake {
+            // Fire every due timer, earliest first, then run.
+            inst.wake_ms = None;
+            let mut due: Vec<(i64, String)> = inst
+                .timers
+                .iter()
+                .filter(|(_, d)| **d <= self.now_ms())
+                .map(|(t, d)| (*d, t.clone()))
+                .collect();
+            due.sort();
+            for (_, token) in due {
+                inst.timers.remove(&token);
+                let next = self.apply_input(inst, Input::Timer { token });
+                if next != Next::Idle {
+                    return next;
+                }
+            }
+            return Next::Idle;
         }
         match self.handle(inst, input).and_then(|n| match n {
             Some(next) => Ok(next),
@@ -275,6 +371,7 @@ impl<'a> Machine<'a> {
                 _ => Ok(Some(Next::Idle)),
             },
             Input::CallDone(result) => self.call_done(inst, result).map(|_| None),
+            Input::Wake => Ok(Some(Next::Idle)),
             Input::LookupDone(result) => {
                 let CKind::Call(call) = &self.current(inst).kind else {
                     return Ok(Some(Next::Idle));
@@ -289,9 +386,29 @@ impl<'a> Machine<'a> {
                 };
                 if found {
                     self.call_done(inst, result)?;
-                    Ok(None)
-                } else {
-                    Ok(Some(Next::Call(self.plan(inst, call, false)?)))
+                    return Ok(None);
+                }
+                match result {
+                    // No answer, or a refusal other than "not there": nobody
+                    // knows whether an earlier attempt went through, and
+                    // calling again could do it twice. The call fails
+                    // instead (a person may retry it, which looks up again).
+                    CallResult::Failed {
+                        message,
+                        status,
+                        attempts,
+                    } if !matches!(status, Some(404 | 410)) => {
+                        self.call_done(
+                            inst,
+                            CallResult::Failed {
+                                message: format!("the lookup before the call failed: {message}"),
+                                status,
+                                attempts,
+                            },
+                        )?;
+                        Ok(None)
+                    }
+                    _ => Ok(Some(Next::Call(self.plan(inst, call, false)?))),
                 }
             }
         }
@@ -789,10 +906,7 @@ impl<'a> Machine<'a> {
     /// Schedule a timer; returns its token.
     fn timer(&self, inst: &mut Instance, due_ms: i64) -> String {
         let token = format!("{}/timer/{}", self.id_prefix(inst), inst.next_seq());
-        inst.outbox.push(Outbound::Timer {
-            token: token.clone(),
-            due_ms,
-        });
+        inst.timers.insert(token.clone(), due_ms);
         token
     }
 
@@ -856,15 +970,22 @@ impl<'a> Machine<'a> {
 
     /// The CEL variables of a step expression.
     fn vars(&self, inst: &Instance) -> Step<Vars> {
-        let parse = |text: &str, what: &str| {
-            json::parse(text.as_bytes()).map_err(|e| EvalError {
-                expression: what.to_string(),
-                message: e.0,
-            })
-        };
+        let mut cache = self.cache.borrow_mut();
         let mut events = std::collections::HashMap::new();
         for (t, ev) in &inst.events {
-            events.insert(t.clone(), event_value(ev, parse(&ev.data, "event data")?));
+            let value = match cache.events.get(t) {
+                Some((id, v)) if *id == ev.id => v.clone(),
+                _ => {
+                    let data = json::parse(ev.data.as_bytes()).map_err(|e| EvalError {
+                        expression: "event data".into(),
+                        message: e.0,
+                    })?;
+                    let v = event_value(ev, data);
+                    cache.events.insert(t.clone(), (ev.id.clone(), v.clone()));
+                    v
+                }
+            };
+            events.insert(t.clone(), value);
         }
         let event = inst
             .woke_by
@@ -873,17 +994,21 @@ impl<'a> Machine<'a> {
             .unwrap_or(Value::Null);
         let mut steps = std::collections::HashMap::new();
         for (name, response) in &inst.responses {
+            let value = cached(&mut cache.responses, name, response, response, "response")?;
             steps.insert(
                 name.clone(),
                 Value::from(std::collections::HashMap::from([(
                     "response".to_string(),
-                    parse(response, "response")?,
+                    value,
                 )])),
             );
         }
         let mut vars = std::collections::HashMap::new();
-        for (name, value) in &inst.vars {
-            vars.insert(name.clone(), parse(value, "variable")?);
+        for (name, text) in &inst.vars {
+            vars.insert(
+                name.clone(),
+                cached(&mut cache.vars, name, text, text, "variable")?,
+            );
         }
         Ok(Vars::new()
             .with("key", Value::String(Arc::new(inst.key.clone())))

@@ -291,16 +291,35 @@ fn a_missing_shipment_times_out_through_the_route() {
     let Some(Wait::Events { timer: Some(token) }) = inst.wait.clone() else {
         panic!("{:?}", inst.wait)
     };
-    let due = inst.outbox.iter().find_map(|o| match o {
-        Outbound::Timer { token: t, due_ms } if *t == token => Some(*due_ms),
-        _ => None,
-    });
     assert_eq!(
-        due,
-        Some((t0() + chrono::Duration::hours(24)).timestamp_millis())
+        inst.timers.get(&token),
+        Some(&(t0() + chrono::Duration::hours(24)).timestamp_millis())
+    );
+    // One wake-up is scheduled: the SLA (4 h) comes before the await timeout.
+    let wakes = |inst: &Instance| -> Vec<i64> {
+        inst.outbox
+            .iter()
+            .filter_map(|o| match o {
+                Outbound::Wake { due_ms } => Some(*due_ms),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(
+        wakes(&inst),
+        [(t0() + chrono::Duration::hours(4)).timestamp_millis()]
+    );
+    // At 4 h the SLA fires, and the next wake-up is the await timeout.
+    inst.outbox.clear();
+    let sla = Machine::new(&def, t0() + chrono::Duration::hours(4));
+    assert_eq!(sla.apply(&mut inst, Input::Wake), Next::Idle);
+    assert!(inst.sla_breached);
+    assert_eq!(
+        wakes(&inst),
+        [(t0() + chrono::Duration::hours(24)).timestamp_millis()]
     );
     let later = Machine::new(&def, t0() + chrono::Duration::hours(24));
-    assert_eq!(later.apply(&mut inst, Input::Timer { token }), Next::Idle);
+    assert_eq!(later.apply(&mut inst, Input::Wake), Next::Idle);
     assert_eq!(inst.status, Status::Failed);
     let emitted = emits(&inst);
     assert_eq!(emitted[0].0, "order.unmatched");
@@ -385,4 +404,73 @@ fn every_example_compiles() {
         let def = compiled(example);
         assert_eq!(def.revision.len(), 10);
     }
+}
+
+#[test]
+fn a_lookup_without_an_answer_fails_the_call_instead_of_repeating_it() {
+    let def = compiled("returns-to-credit");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("RMA-1", &def.revision, 0);
+    let order = plan(m.apply(
+        &mut inst,
+        event(
+            "r-1",
+            "return.received",
+            r#"{"rmaNumber": "RMA-1", "orderId": "4711", "customerId": "C-1", "receivedBy": "j.smith",
+                "lines": [{"sku": "A-100", "qty": 2}]}"#,
+        ),
+    ));
+    assert_eq!(order.action, "getSalesOrder");
+    let sales_order = CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"currency": "EUR", "lines": [{"sku": "A-100", "qty": 2, "unitPrice": 49.90}]}"#
+            .into(),
+        attempts: 1,
+    };
+    assert_eq!(m.apply(&mut inst, Input::CallDone(sales_order)), Next::Idle);
+    let inspected = event(
+        "i-1",
+        "return.inspected",
+        r#"{"rmaNumber": "RMA-1", "inspectedBy": "m.mueller", "lines": [{"sku": "A-100", "qty": 2, "grade": "A"}]}"#,
+    );
+    let Next::Lookup(lookup) = m.apply(&mut inst, inspected) else {
+        panic!("the credit note is looked up first")
+    };
+    assert_eq!(lookup.action, "findCreditNote");
+    assert_eq!(lookup.params["reference"], "rma-RMA-1");
+
+    // The ERP did not answer: an earlier attempt may have booked the note.
+    let no_answer = CallResult::Failed {
+        message: "gave up after 4 attempts: HTTP 503".into(),
+        status: None,
+        attempts: 4,
+    };
+    assert_eq!(m.apply(&mut inst, Input::LookupDone(no_answer)), Next::Idle);
+    let Some(Wait::FailedCall { case }) = inst.wait.clone() else {
+        panic!("{:?}", inst.wait)
+    };
+    assert!(
+        inst.outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::DeadLetter { step, .. } if step == "credit"))
+    );
+
+    // A person retries: the lookup comes first again; "not there" lets the call go.
+    let again = m.apply(
+        &mut inst,
+        Input::CaseResolved {
+            name: case,
+            approved: true,
+            detail: "ops".into(),
+        },
+    );
+    assert!(matches!(again, Next::Lookup(_)), "{again:?}");
+    let not_there = CallResult::Failed {
+        message: "HTTP 404: not found".into(),
+        status: Some(404),
+        attempts: 1,
+    };
+    let create = plan(m.apply(&mut inst, Input::LookupDone(not_there)));
+    assert_eq!(create.action, "createCreditNote");
 }

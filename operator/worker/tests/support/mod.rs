@@ -166,3 +166,134 @@ pub async fn env(example_name: &str) -> Env {
         secrets,
     }
 }
+
+/// The case store as another process sees it (`kubectl tallyman`, dev
+/// mode): a fresh connection to the namespace's cases bucket.
+pub async fn kv_cases(nats: &str, ns: &str) -> tallyman_worker::cases::KvCases {
+    let js = jetstream::new(connect(nats).await);
+    let store = js
+        .get_key_value(format!("tallyman_{ns}_cases"))
+        .await
+        .expect("the cases bucket exists");
+    tallyman_worker::cases::KvCases::new(store, ns)
+}
+
+/// One person's decision on a case.
+pub fn decision(
+    who: &str,
+    group: &str,
+    verdict: tallyman_api::v1alpha1::Verdict,
+    comment: Option<&str>,
+) -> tallyman_api::v1alpha1::CaseDecision {
+    tallyman_api::v1alpha1::CaseDecision {
+        approver: who.into(),
+        groups: vec![group.into()],
+        decision: verdict,
+        comment: comment.map(str::to_string),
+    }
+}
+
+/// Wait for an asynchronous `cond` or fail after `limit`.
+pub async fn eventually<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An event as published: its JSON, and its text for exact decimals.
+#[derive(Debug)]
+pub struct Emitted {
+    pub json: serde_json::Value,
+    pub text: String,
+}
+
+impl std::ops::Deref for Emitted {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.json
+    }
+}
+
+impl Emitted {
+    /// A field of the event's data as its JSON text, digit for digit
+    /// (`serde_json::Value` would read `0.40` as the float 0.4).
+    pub fn data_text(&self, field: &str) -> String {
+        #[derive(serde::Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            data: BTreeMap<String, &'a serde_json::value::RawValue>,
+        }
+        let envelope: Envelope = serde_json::from_str(&self.text).expect("an event");
+        envelope
+            .data
+            .get(field)
+            .unwrap_or_else(|| panic!("no {field} in {}", self.text))
+            .get()
+            .to_string()
+    }
+}
+
+/// Every event of type `ty` on the namespace's events stream so far,
+/// oldest first (the envelope `{id, type, source, time, data}`).
+pub async fn emitted(js: &jetstream::Context, ns: &str, ty: &str) -> Vec<Emitted> {
+    let mut stream = js
+        .get_stream(format!("TALLYMAN_{}_EVENTS", ns.to_uppercase()))
+        .await
+        .expect("the events stream exists");
+    let last = stream
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .last_sequence;
+    let subject = format!("tallyman.{ns}.events.{ty}");
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let Ok(msg) = stream.get_raw_message(seq).await else {
+            continue;
+        };
+        if msg.subject.as_str() == subject {
+            let text = String::from_utf8(msg.payload.to_vec()).expect("an event is UTF-8");
+            let json = serde_json::from_str(&text).expect("an event is JSON");
+            out.push(Emitted { json, text });
+        }
+    }
+    out
+}
+
+/// Wait until `n` events of type `ty` were published; return them.
+pub async fn wait_emitted(js: &jetstream::Context, ns: &str, ty: &str, n: usize) -> Vec<Emitted> {
+    let start = Instant::now();
+    loop {
+        let events = emitted(js, ns, ty).await;
+        if events.len() >= n {
+            return events;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "only {} of {n} {ty} events were published",
+            events.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The audit records of one instance, in chain order.
+pub async fn audit_of(nats: &str, ns: &str, key: &str) -> Vec<tallyman_core::audit::AuditRecord> {
+    let (records, unreadable) = tallyman_worker::audit::read(connect(nats).await, ns, None)
+        .await
+        .expect("the audit stream reads");
+    assert!(unreadable.is_empty(), "{unreadable:?}");
+    let mut mine: Vec<_> = records.into_iter().filter(|r| r.key == key).collect();
+    mine.sort_by_key(|r| r.seq);
+    mine
+}

@@ -1,0 +1,320 @@
+//! Shipment-to-invoice end to end, as a benchmark (not a timed test):
+//! events published to JetStream, correlated order + shipment, GET the
+//! order, compare, POST the invoice to the simulated ERP over HTTP, emit
+//! invoice.created. Everything on this machine's cores: nats-server, the
+//! ERP, the load and 1 or 2 `tallyman worker` processes.
+//!
+//! ```text
+//! cargo bench -p tallyman --bench shipment_to_invoice                 # both worker counts, max rate
+//! BENCH_WORKERS=1 BENCH_ORDERS=20000 BENCH_RATE=1500 cargo bench ...  # paced, for latency
+//! ```
+//!
+//! Prints instances/s, p50/p99 latency (second event published → the
+//! invoice.created event received), CPU seconds and peak RSS per process,
+//! and checks that every order has exactly one invoice.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tallyman_testing::erp::{Order, OrderLine, SimErp};
+use tallyman_testing::nats::NatsServer;
+
+const NS: &str = "finance";
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The example's manifests without the production rate limit on the ERP.
+fn manifests(dir: &Path) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text: String = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("rateLimit:"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            std::fs::write(dir.join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    dir.to_path_buf()
+}
+
+struct Proc {
+    name: String,
+    child: Child,
+}
+
+/// (CPU seconds, peak RSS in MiB) of a process, from /proc.
+fn usage(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, hwm / 1024.0)
+}
+
+fn nats_pid(url: &str) -> Option<u32> {
+    let port = url.rsplit(':').next()?;
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("nats-server.*-p {port}")])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+async fn run(workers: usize, orders: usize, rate: usize) {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = manifests(tmp.path());
+    let mut procs = Vec::new();
+    for w in 0..workers {
+        let child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
+            .args([
+                "worker",
+                "--nats",
+                &nats.url(),
+                "--namespace",
+                NS,
+                "--workflow",
+                "shipment-to-invoice",
+            ])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--max-in-flight",
+                "256",
+                "--connections",
+                "4",
+            ])
+            .arg("--manifests")
+            .arg(&dir)
+            .args(["--connector-url", &format!("erp={}", erp.base_url())])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("tallyman worker");
+        procs.push(Proc {
+            name: format!("worker-{w}"),
+            child,
+        });
+    }
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    // Wait for the workers to create the stream.
+    while js
+        .get_stream(format!("TALLYMAN_{}_EVENTS", NS.to_uppercase()))
+        .await
+        .is_err()
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..orders {
+        erp.seed_order(Order {
+            order_id: format!("ORD-{i}"),
+            customer_id: format!("C-{i}"),
+            currency: "EUR".into(),
+            lines: vec![
+                OrderLine::new("A", 2, "19.99"),
+                OrderLine::new("B", 5, "0.10"),
+            ],
+        });
+    }
+    let sent: Arc<Mutex<HashMap<String, Instant>>> =
+        Arc::new(Mutex::new(HashMap::with_capacity(orders)));
+    let latencies: Arc<Mutex<Vec<Duration>>> = Arc::new(Mutex::new(Vec::with_capacity(orders)));
+    let mut sub = client
+        .subscribe(format!("tallyman.{NS}.events.invoice.created"))
+        .await
+        .unwrap();
+    let done = {
+        let sent = sent.clone();
+        let latencies = latencies.clone();
+        tokio::spawn(async move {
+            let mut last = Instant::now();
+            while latencies.lock().unwrap().len() < orders {
+                let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(60), sub.next()).await
+                else {
+                    break;
+                };
+                let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+                let order = v["data"]["orderId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                if let Some(t) = sent.lock().unwrap().get(&order) {
+                    latencies.lock().unwrap().push(t.elapsed());
+                }
+                last = Instant::now();
+            }
+            last
+        })
+    };
+    let start = Instant::now();
+    let mut pending = Vec::with_capacity(512);
+    for i in 0..orders {
+        if rate > 0 {
+            let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let order = format!("ORD-{i}");
+        for (ty, data) in [
+            (
+                "order.created",
+                format!(r#"{{"orderId":"{order}","customerId":"C-{i}","channel":"web"}}"#),
+            ),
+            (
+                "shipment.confirmed",
+                format!(
+                    r#"{{"orderId":"{order}","shipmentId":"SH-{i}","warehouse":"HAM","confirmedBy":"wms-7","lines":[{{"sku":"A","qty":2}},{{"sku":"B","qty":5}}]}}"#
+                ),
+            ),
+        ] {
+            let id = format!("{ty}-{i}");
+            let payload = format!(
+                r#"{{"id":"{id}","type":"{ty}","source":"bench","time":"2026-11-26T09:00:00Z","data":{data}}}"#
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            if ty == "shipment.confirmed" {
+                sent.lock().unwrap().insert(order.clone(), Instant::now());
+            }
+            pending.push(
+                js.publish_with_headers(
+                    format!("tallyman.{NS}.events.{ty}"),
+                    headers,
+                    Bytes::from(payload),
+                )
+                .await
+                .unwrap(),
+            );
+            if pending.len() >= 256 {
+                for ack in pending.drain(..) {
+                    ack.await.unwrap();
+                }
+            }
+        }
+    }
+    for ack in pending.drain(..) {
+        ack.await.unwrap();
+    }
+    let published = start.elapsed();
+    let last = done.await.unwrap();
+    let elapsed = last.duration_since(start);
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let invoices = erp.invoices();
+    let mut ids: Vec<String> = invoices
+        .iter()
+        .filter_map(|d| d.str_field("orderId"))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    println!(
+        "workers={workers} orders={orders} rate={} published_in={:.2}s completed={} in {:.2}s => {:.0} instances/s; latency p50={:.1}ms p99={:.1}ms; invoices={} distinct={} duplicates={}",
+        if rate == 0 {
+            "max".to_string()
+        } else {
+            format!("{rate}/s")
+        },
+        published.as_secs_f64(),
+        lat.len(),
+        elapsed.as_secs_f64(),
+        lat.len() as f64 / elapsed.as_secs_f64(),
+        pct(0.50).as_secs_f64() * 1000.0,
+        pct(0.99).as_secs_f64() * 1000.0,
+        invoices.len(),
+        ids.len(),
+        invoices.len() - ids.len(),
+    );
+    let me = usage(std::process::id());
+    println!(
+        "  bench process (load + ERP): cpu={:.1}s peak_rss={:.0}MiB",
+        me.0, me.1
+    );
+    if let Some(pid) = nats_pid(&nats.url()) {
+        let u = usage(pid);
+        println!("  nats-server: cpu={:.1}s peak_rss={:.0}MiB", u.0, u.1);
+    }
+    for p in &mut procs {
+        let u = usage(p.child.id());
+        println!("  {}: cpu={:.1}s peak_rss={:.0}MiB", p.name, u.0, u.1);
+        let _ = p.child.kill();
+        let _ = p.child.wait();
+    }
+    assert_eq!(invoices.len(), orders, "every order invoiced exactly once");
+    assert_eq!(ids.len(), orders);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else to parse.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let orders = env_usize("BENCH_ORDERS", 20_000);
+    let rate = env_usize("BENCH_RATE", 0);
+    let counts: Vec<usize> = match std::env::var("BENCH_WORKERS") {
+        Ok(v) => v.split(',').filter_map(|s| s.trim().parse().ok()).collect(),
+        Err(_) => vec![1, 2],
+    };
+    println!(
+        "machine: {} cores, {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .unwrap_or_default()
+            .lines()
+            .find(|l| l.starts_with("model name"))
+            .unwrap_or("")
+            .trim()
+    );
+    for workers in counts {
+        runtime.block_on(run(workers, orders, rate));
+    }
+}

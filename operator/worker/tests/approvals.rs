@@ -1,0 +1,281 @@
+//! Exception cases end to end: a quantity variance of the shipment-to-invoice
+//! example opens a case; people decide it (or nobody does, and its deadline
+//! does); the instance resumes, whichever worker is running by then.
+//!
+//! Every order here is 2 x A at 19.99 and 9 x B at 250.00, of which 5 x B
+//! shipped: a variance of 1000.00, which the example policy's `controller`
+//! rule gives to one finance controller. Approved, the invoice is for what
+//! shipped: 2 x 19.99 + 5 x 250.00 = 1289.98.
+
+mod support;
+
+use std::time::Duration;
+
+use chrono::Utc;
+use support::*;
+use tallyman_api::v1alpha1::{CaseState, ExpiryAction, Verdict};
+use tallyman_core::audit::AuditKind;
+use tallyman_core::engine::Status;
+use tallyman_worker::cases::CaseRecord;
+
+const NS: &str = "finance";
+const POLICY: &str = "variance-approval";
+
+/// Publish a short shipment for `order` and wait for its case.
+async fn open_variance(env: &Env, run: &Running, order: &str) -> CaseRecord {
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, order, 9, "250.00");
+    publish(
+        &js,
+        NS,
+        "order.created",
+        &format!("o-{order}"),
+        &order_data(order),
+    )
+    .await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        &format!("s-{order}"),
+        &shipment_data(order, 5),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let case = loop {
+        let list = run.worker.cases().list().await.unwrap();
+        if let Some(case) = list.into_iter().find(|c| c.spec.key == order) {
+            break case;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no case opened for {order}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(case.spec.reason, "QuantityMismatch");
+    assert_eq!(case.spec.facts["amount"], serde_json::json!("1000.00"));
+    assert_eq!(case.spec.rule, "controller");
+    assert_eq!(case.status.state, CaseState::Open);
+    let inst = run.worker.instance(order).await.unwrap().unwrap();
+    assert_eq!(inst.status, Status::Running, "the instance waits");
+    assert_eq!(
+        env.erp.invoice_count(),
+        0,
+        "nothing is invoiced before a decision"
+    );
+    case
+}
+
+async fn wait_state(cases: &tallyman_worker::cases::KvCases, name: &str, state: CaseState) {
+    eventually(
+        &format!("case {name} to become {state:?}"),
+        Duration::from_secs(15),
+        || async {
+            let (record, _) = cases.get(name).await.unwrap().unwrap();
+            record.status.state == state
+        },
+    )
+    .await;
+}
+
+async fn wait_status(run: &Running, key: &str, status: Status) {
+    eventually(
+        &format!("instance {key} to become {status:?}"),
+        Duration::from_secs(15),
+        || async {
+            run.worker
+                .instance(key)
+                .await
+                .unwrap()
+                .is_some_and(|i| i.status == status)
+        },
+    )
+    .await;
+}
+
+fn assert_invoiced_as_shipped(env: &Env, order: &str) {
+    let invoices = env.erp.invoices();
+    assert_eq!(invoices.len(), 1, "exactly one invoice");
+    assert_eq!(invoices[0].str_field("orderId").as_deref(), Some(order));
+    assert_eq!(invoices[0].field("netAmount"), Some("1289.98"));
+}
+
+/// The order's `shipment.disputed` event: published once, naming the SKU
+/// that fell short.
+async fn assert_disputed(env: &Env, order: &str) {
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let disputed = wait_emitted(&js, NS, "shipment.disputed", 1).await;
+    assert_eq!(disputed.len(), 1, "{disputed:?}");
+    let data = &disputed[0]["data"];
+    assert_eq!(data["orderId"], order);
+    assert_eq!(data["shipmentId"], format!("SH-{order}"));
+    assert_eq!(data["skus"], serde_json::json!(["B"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_given_while_no_worker_runs_resumes_on_the_next_worker() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4720").await;
+    run.shutdown().await;
+
+    // A finance controller approves from another process while no worker runs.
+    let cases = kv_cases(&env.nats.url(), NS).await;
+    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
+    let decided = cases.decide(&case.name, approve, Utc::now()).await.unwrap();
+    assert_eq!(decided.status.state, CaseState::Approved);
+    assert!(!decided.resumed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(env.erp.invoice_count(), 0, "no worker, no invoice");
+
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    wait_status(&run, "4720", Status::Completed).await;
+    assert_invoiced_as_shipped(&env, "4720");
+    eventually(
+        "the case to be marked resumed",
+        Duration::from_secs(5),
+        || {
+            let cases = cases.clone();
+            let name = case.name.clone();
+            async move { cases.get(&name).await.unwrap().unwrap().0.resumed }
+        },
+    )
+    .await;
+    let kinds: Vec<_> = audit_of(&env.nats.url(), NS, "4720")
+        .await
+        .iter()
+        .map(|r| r.kind)
+        .collect();
+    assert!(kinds.contains(&AuditKind::CaseOpened), "{kinds:?}");
+    assert!(kinds.contains(&AuditKind::CaseApproved), "{kinds:?}");
+    assert_eq!(
+        kinds.last(),
+        Some(&AuditKind::InstanceCompleted),
+        "{kinds:?}"
+    );
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_approval_escalates_to_the_cfo_office() {
+    let mut env = env("shipment-to-invoice").await;
+    let expiry = env.def.policies.get_mut(POLICY).unwrap();
+    let expiry = expiry.expiry.as_mut().unwrap();
+    assert_eq!(expiry.then, ExpiryAction::Escalate);
+    expiry.after = "2s".parse().unwrap();
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4721").await;
+    let first_deadline = case.status.deadline.clone().expect("a deadline");
+    let cases = run.worker.cases().clone();
+
+    wait_state(&cases, &case.name, CaseState::Escalated).await;
+    let (escalated, _) = cases.get(&case.name).await.unwrap().unwrap();
+    assert!(escalated.status.escalated);
+    let new_deadline = escalated.status.deadline.clone().expect("a new deadline");
+    assert!(new_deadline.0 > first_deadline.0, "the deadline moved");
+    assert_eq!(env.erp.invoice_count(), 0);
+
+    // Escalated, the case is the CFO office's: a controller no longer decides it.
+    let controller = decision("alice", "finance-controllers", Verdict::Approve, None);
+    let refused = cases
+        .decide(&case.name, controller, Utc::now())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("cfo-office"), "{refused}");
+    let cfo = decision("carol", "cfo-office", Verdict::Approve, None);
+    let decided = cases.decide(&case.name, cfo, Utc::now()).await.unwrap();
+    assert_eq!(decided.status.state, CaseState::Approved);
+    assert_eq!(
+        decided.spec.decisions.len(),
+        1,
+        "the refused one is not recorded"
+    );
+
+    wait_status(&run, "4721", Status::Completed).await;
+    assert_invoiced_as_shipped(&env, "4721");
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
+    let mut env = env("shipment-to-invoice").await;
+    let policy = env.def.policies.get_mut(POLICY).unwrap();
+    let expiry = policy.expiry.as_mut().unwrap();
+    expiry.after = "2s".parse().unwrap();
+    expiry.then = ExpiryAction::Reject;
+    expiry.escalate_to = None;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4722").await;
+
+    wait_state(run.worker.cases(), &case.name, CaseState::Expired).await;
+    wait_status(&run, "4722", Status::Rejected).await;
+    assert_disputed(&env, "4722").await;
+    let inst = run.worker.instance("4722").await.unwrap().unwrap();
+    assert!(
+        inst.outcome.as_deref().unwrap_or("").contains("rejected"),
+        "{:?}",
+        inst.outcome
+    );
+    // Too late to decide now.
+    let late = decision("alice", "finance-controllers", Verdict::Approve, None);
+    let refused = run
+        .worker
+        .cases()
+        .decide(&case.name, late, Utc::now())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("Expired"), "{refused}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        env.erp.invoice_count(),
+        0,
+        "a rejected variance is not invoiced"
+    );
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_variance_disputes_the_shipment_and_invoices_nothing() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4723").await;
+    let cases = run.worker.cases();
+
+    let unexplained = decision("alice", "finance-controllers", Verdict::Reject, None);
+    let refused = cases
+        .decide(&case.name, unexplained, Utc::now())
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("comment"), "{refused}");
+    let reject = decision(
+        "alice",
+        "finance-controllers",
+        Verdict::Reject,
+        Some("4 x B missing; claim with the carrier"),
+    );
+    let decided = cases.decide(&case.name, reject, Utc::now()).await.unwrap();
+    assert_eq!(decided.status.state, CaseState::Rejected);
+
+    wait_status(&run, "4723", Status::Rejected).await;
+    assert_disputed(&env, "4723").await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        env.erp.invoice_count(),
+        0,
+        "a rejected variance is not invoiced"
+    );
+    let kinds: Vec<_> = audit_of(&env.nats.url(), NS, "4723")
+        .await
+        .iter()
+        .map(|r| r.kind)
+        .collect();
+    assert!(kinds.contains(&AuditKind::CaseRejected), "{kinds:?}");
+    assert!(kinds.contains(&AuditKind::EventEmitted), "{kinds:?}");
+    assert_eq!(
+        kinds.last(),
+        Some(&AuditKind::InstanceRejected),
+        "{kinds:?}"
+    );
+    run.shutdown().await;
+}
