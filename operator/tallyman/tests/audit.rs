@@ -1,0 +1,215 @@
+//! `tallyman audit verify` as an auditor runs it, on the audit stream of a
+//! real run: an intact trail verifies; a removed or a forged record is named,
+//! and the exit code says so.
+
+mod support;
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use support::*;
+use tallyman_testing::erp::SimErp;
+use tallyman_testing::nats::NatsServer;
+
+const AUDIT_STREAM: &str = "TALLYMAN_FINANCE_AUDIT";
+
+/// A few orders run to completion by a real worker, which then stops.
+async fn small_run() -> (NatsServer, jetstream::Context) {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let worker = WorkerProcess::start(&nats.url(), &erp.base_url());
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let n = 3;
+    publish_orders(&js, &erp, n).await;
+    wait_all_completed(&js, n, Duration::from_secs(30)).await;
+    assert_one_invoice_per_order(&erp, n);
+    let status = worker.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+    (nats, js)
+}
+
+fn verify(nats: &NatsServer, json: bool) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyman"));
+    cmd.args(["audit", "verify", "--nats", &nats.url(), "--namespace", NS]);
+    if json {
+        cmd.args(["--output", "json"]);
+    }
+    cmd.output().expect("tallyman audit verify runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn report(nats: &NatsServer) -> serde_json::Value {
+    let out = verify(nats, true);
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))
+}
+
+/// Every message of the audit stream: its stream sequence and the records
+/// it holds (one record, or the records of one commit as an array).
+async fn audit_messages(js: &jetstream::Context) -> Vec<(u64, Vec<serde_json::Value>)> {
+    let mut stream = js.get_stream(AUDIT_STREAM).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(msg) = stream.get_raw_message(seq).await {
+            let records = match serde_json::from_slice(&msg.payload).unwrap() {
+                serde_json::Value::Array(batch) => batch,
+                one => vec![one],
+            };
+            out.push((seq, records));
+        }
+    }
+    out
+}
+
+/// The stream sequence of the message holding `key`'s record `seq`, the
+/// records of that message, and where among them the record is.
+async fn find(
+    js: &jetstream::Context,
+    key: &str,
+    seq: u64,
+) -> (u64, Vec<serde_json::Value>, usize) {
+    for (stream_seq, records) in audit_messages(js).await {
+        if let Some(i) = records
+            .iter()
+            .position(|r| r["key"] == key && r["seq"] == seq)
+        {
+            return (stream_seq, records, i);
+        }
+    }
+    panic!("no record {seq} of {key}")
+}
+
+/// Publish records to the audit subject in the form the worker uses: one
+/// record alone, several as an array.
+async fn publish_audit(js: &jetstream::Context, msg_id: &str, records: &[serde_json::Value]) {
+    let payload = match records {
+        [one] => serde_json::to_vec(one),
+        many => serde_json::to_vec(many),
+    }
+    .unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", msg_id);
+    js.publish_with_headers(
+        format!("tallyman.{NS}.audit.{WF}"),
+        headers,
+        Bytes::from(payload),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_intact_trail_verifies_and_a_removed_record_is_named() {
+    let (nats, js) = small_run().await;
+    let messages = audit_messages(&js).await;
+    let records: usize = messages.iter().map(|(_, r)| r.len()).sum();
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("every chain verifies"),
+        "{}",
+        text(&out)
+    );
+    let ok = report(&nats);
+    assert_eq!(ok["instances"], 3);
+    assert_eq!(ok["records"], records);
+    assert_eq!(ok["problems"], serde_json::json!([]));
+
+    // Someone with access to the stream removes a message from its middle:
+    // one that opens an instance's chain (a commit's records travel
+    // together, so this is the one message every chain is sure to have
+    // before others), not the stream's first.
+    let mut cut = None;
+    for key in ["ORD-0", "ORD-1", "ORD-2"] {
+        let (stream_seq, removed, _) = find(&js, key, 1).await;
+        if stream_seq > messages[0].0 {
+            cut = Some((key, stream_seq, removed));
+            break;
+        }
+    }
+    let (key, stream_seq, removed) = cut.expect("two chains cannot both open the stream");
+    assert!(stream_seq < messages[messages.len() - 1].0);
+    let gone: Vec<u64> = removed
+        .iter()
+        .filter(|r| r["key"] == key)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    let (first, last) = (gone[0], gone[gone.len() - 1]);
+    let last_of_key = messages
+        .iter()
+        .flat_map(|(_, r)| r)
+        .filter(|r| r["key"] == key)
+        .map(|r| r["seq"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    assert!(last < last_of_key, "{key} has records after the cut");
+    let stream = js.get_stream(AUDIT_STREAM).await.unwrap();
+    assert!(stream.delete_message(stream_seq).await.unwrap());
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    let at = format!(r#"instance "{key}" record {first}: Missing"#);
+    assert!(said.contains(&at), "{said}");
+    let missing = if first == last {
+        format!("record {first} is missing")
+    } else {
+        format!("records {first} to {last} are missing")
+    };
+    assert!(said.contains(&missing), "{said}");
+    let broken = report(&nats);
+    let problems = broken["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems[0]["key"], key);
+    assert_eq!(problems[0]["seq"], first);
+    assert_eq!(problems[0]["kind"], "Missing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_record_is_reported_as_modified() {
+    let (nats, js) = small_run().await;
+    assert_eq!(verify(&nats, false).status.code(), Some(0));
+
+    // Replace ORD-2's record 3 with one that says something else, keeping
+    // its seq, prev and hash so it still looks like part of the chain (and
+    // the records stored with it as they were).
+    let (stream_seq, original, i) = find(&js, "ORD-2", 3).await;
+    let mut forged = original.clone();
+    forged[i]["detail"] = serde_json::json!({"approvedBy": "mallory"});
+    assert_ne!(forged, original);
+    let stream = js.get_stream(AUDIT_STREAM).await.unwrap();
+    assert!(stream.delete_message(stream_seq).await.unwrap());
+    publish_audit(&js, "forged-ORD-2-3", &forged).await;
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(r#"instance "ORD-2" record 3: Modified"#),
+        "{said}"
+    );
+    assert!(said.contains("does not match its hash"), "{said}");
+    let broken = report(&nats);
+    let problems = broken["problems"].as_array().unwrap();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p["key"] == "ORD-2" && p["seq"] == 3 && p["kind"] == "Modified"),
+        "{problems:?}"
+    );
+    assert!(
+        problems.iter().all(|p| p["key"] == "ORD-2"),
+        "the other chains are intact: {problems:?}"
+    );
+}

@@ -1,0 +1,207 @@
+//! Shared by the process tests: real `tallyman worker` processes against a
+//! real nats-server and the simulated ERP, orders to publish, outcomes to
+//! wait for.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use tallyman_testing::erp::{Order, OrderLine, SimErp};
+
+pub const NS: &str = "finance";
+pub const WF: &str = "shipment-to-invoice";
+
+pub fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice")
+}
+
+pub struct WorkerProcess(pub Child);
+
+impl WorkerProcess {
+    pub fn start(nats: &str, erp: &str) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
+            .args([
+                "worker",
+                "--nats",
+                nats,
+                "--namespace",
+                NS,
+                "--workflow",
+                WF,
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--manifests")
+            .arg(examples())
+            .args([
+                "--connector-url",
+                &format!("erp={erp}"),
+                "--ack-wait",
+                "3s",
+                "--max-in-flight",
+                "64",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tallyman worker starts");
+        Self(child)
+    }
+
+    /// SIGTERM, as Kubernetes stops a pod; the exit status, or a failed
+    /// test when the process is still running after `limit`.
+    pub fn terminate(mut self, limit: Duration) -> ExitStatus {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "SIGTERM was not delivered");
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.0.try_wait().expect("the worker's status") {
+                return status;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the worker did not exit within {limit:?} of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to finish anything.
+    pub fn kill(mut self) {
+        self.0.kill().expect("kill -9");
+        self.0.wait().expect("reaped");
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn publish_orders(js: &jetstream::Context, erp: &SimErp, n: usize) {
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        erp.seed_order(Order {
+            order_id: order.clone(),
+            customer_id: format!("C-{i}"),
+            currency: "EUR".into(),
+            lines: vec![
+                OrderLine::new("A", 2, "19.99"),
+                OrderLine::new("B", 5, "0.10"),
+            ],
+        });
+        for (ty, data) in [
+            (
+                "order.created",
+                format!(r#"{{"orderId":"{order}","customerId":"C-{i}","channel":"web"}}"#),
+            ),
+            (
+                "shipment.confirmed",
+                format!(
+                    r#"{{"orderId":"{order}","shipmentId":"SH-{i}","warehouse":"HAM","confirmedBy":"wms-7","lines":[{{"sku":"A","qty":2}},{{"sku":"B","qty":5}}]}}"#
+                ),
+            ),
+        ] {
+            let id = format!("{ty}-{i}");
+            let payload = format!(
+                r#"{{"id":"{id}","type":"{ty}","source":"test","time":"2026-11-26T09:00:00Z","data":{data}}}"#
+            );
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            // Before a worker has created the stream, a publish may find none: retry.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let stored = match js
+                    .publish_with_headers(
+                        format!("tallyman.{NS}.events.{ty}"),
+                        headers.clone(),
+                        Bytes::from(payload.clone()),
+                    )
+                    .await
+                {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
+                if stored {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "could not publish {id}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Count instances by status from the KV bucket.
+pub async fn statuses(js: &jetstream::Context, n: usize) -> (usize, usize) {
+    let Ok(kv) = js.get_key_value(format!("tallyman_{NS}_{WF}")).await else {
+        return (0, n);
+    };
+    let mut completed = 0;
+    let mut other = 0;
+    for i in 0..n {
+        match kv.get(format!("ORD-{i}")).await {
+            Ok(Some(bytes)) => {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                if v["status"] == "Completed" {
+                    completed += 1;
+                } else {
+                    other += 1;
+                }
+            }
+            _ => other += 1,
+        }
+    }
+    (completed, other)
+}
+
+pub async fn wait_all_completed(js: &jetstream::Context, n: usize, limit: Duration) {
+    let start = Instant::now();
+    loop {
+        let (completed, _) = statuses(js, n).await;
+        if completed == n {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "only {completed} of {n} instances completed after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn wait_invoices(erp: &SimErp, at_least: usize) {
+    let start = Instant::now();
+    while erp.invoice_count() < at_least {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no progress: {} invoices",
+            erp.invoice_count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn assert_one_invoice_per_order(erp: &SimErp, n: usize) {
+    let invoices = erp.invoices();
+    let mut orders: Vec<String> = invoices
+        .iter()
+        .filter_map(|i| i.str_field("orderId"))
+        .collect();
+    orders.sort();
+    orders.dedup();
+    assert_eq!(orders.len(), n, "every order invoiced");
+    assert_eq!(invoices.len(), n, "no order invoiced twice");
+    for i in &invoices {
+        assert_eq!(i.field("netAmount"), Some("40.48"));
+    }
+}
