@@ -21,7 +21,7 @@ use tallyman_telemetry::{
     StatusClass, StepLabels, WorkflowLabels,
 };
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::cases::{KvCases, decode};
 use crate::names::{Names, kv_key};
@@ -79,6 +79,10 @@ pub struct Worker {
     /// The last stored revision and state of recently seen instances, so a
     /// write needs no read unless another replica wrote in between.
     cache: Mutex<HashMap<String, (u64, Instance)>>,
+    /// One lock per instance key being processed, so two messages for the
+    /// same instance in this process go one after the other instead of
+    /// racing into a compare-and-set conflict (and repeating their calls).
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_in_flight: usize,
     pub stats: Arc<Stats>,
     metrics: Arc<Metrics>,
@@ -182,6 +186,7 @@ impl Worker {
             cases,
             caller: config.caller,
             cache: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
             stats: Arc::new(Stats::default()),
             labels: WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow),
@@ -370,6 +375,43 @@ impl Worker {
     /// Apply `input` to the instance `key`: load, run, store with
     /// compare-and-set (retrying on conflict), publish the outbox.
     pub(crate) async fn process(
+        &self,
+        key: &str,
+        input: Input,
+        msg: Option<Arc<jetstream::Message>>,
+    ) -> Result<(), Error> {
+        let lock = self
+            .locks
+            .lock()
+            .expect("locks lock")
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let span = tracing::debug_span!(
+            "instance",
+            namespace = %self.names.namespace,
+            workflow = %self.names.workflow,
+            key,
+            event = match &input {
+                Input::Event(e) => e.id.as_str(),
+                _ => "",
+            }
+        );
+        let result = async {
+            let _serial = lock.lock().await;
+            self.process_locked(key, input, msg).await
+        }
+        .instrument(span)
+        .await;
+        let mut locks = self.locks.lock().expect("locks lock");
+        // The map and this function hold the only references: nobody waits.
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(key);
+        }
+        result
+    }
+
+    async fn process_locked(
         &self,
         key: &str,
         input: Input,
