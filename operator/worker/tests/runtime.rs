@@ -186,3 +186,66 @@ async fn an_await_timeout_fires_from_a_scheduled_timer_even_after_a_restart() {
     assert_eq!(env.erp.invoice_count(), 0);
     run.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_instance_finishes_on_the_revision_it_started_with() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "OLD", 5, "0.10");
+    seed_order(&env.erp, "NEW", 5, "0.10");
+
+    // Revision A starts an instance that waits for its shipment.
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let old_revision = run.worker.revision().to_string();
+    publish(&js, NS, "order.created", "o-old", &order_data("OLD")).await;
+    let stats = run.worker.stats.clone();
+    wait_for("the instance to start", Duration::from_secs(10), || {
+        stats.started.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    run.shutdown().await;
+
+    // Revision B emits a different event when it is done.
+    let mut changed = env.def.clone();
+    let last = changed.spec.steps.last_mut().unwrap();
+    last.emit.as_mut().unwrap().type_ = "invoice.booked".into();
+    let run = start(&env.nats.url(), &changed, &env.secrets, &env.erp.base_url()).await;
+    assert_ne!(run.worker.revision(), old_revision);
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-old",
+        &shipment_data("OLD", 5),
+    )
+    .await;
+    publish(&js, NS, "order.created", "o-new", &order_data("NEW")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-new",
+        &shipment_data("NEW", 5),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "both instances to complete",
+        Duration::from_secs(20),
+        || stats.completed.load(Ordering::Relaxed) == 2,
+    )
+    .await;
+    let old = run.worker.instance("OLD").await.unwrap().unwrap();
+    let new = run.worker.instance("NEW").await.unwrap().unwrap();
+    assert_eq!(
+        old.revision, old_revision,
+        "the old instance kept its revision"
+    );
+    assert_eq!(new.revision, run.worker.revision());
+    let created = emitted(&js, NS, "invoice.created").await;
+    let booked = emitted(&js, NS, "invoice.booked").await;
+    assert_eq!(created.len(), 1, "the old instance finished on revision A");
+    assert_eq!(booked.len(), 1, "the new instance ran revision B");
+    assert_eq!(env.erp.invoice_count(), 2);
+    run.shutdown().await;
+}
