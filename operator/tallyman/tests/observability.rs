@@ -1,0 +1,107 @@
+//! What an SRE sees of a running worker: health, readiness, metrics, and a
+//! poison message that lands in the dead-letter stream without blocking.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use support::*;
+use tallyman_testing::erp::SimErp;
+use tallyman_testing::nats::NatsServer;
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_metrics_and_a_poison_message() {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
+        .args([
+            "worker",
+            "--nats",
+            &nats.url(),
+            "--namespace",
+            NS,
+            "--workflow",
+            WF,
+        ])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--manifests")
+        .arg(examples())
+        .args(["--connector-url", &format!("erp={}", erp.base_url())])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("tallyman worker starts");
+    let start = Instant::now();
+    while get(port, "/readyz").map(|(s, _)| s) != Some(200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the worker never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(port, "/healthz").unwrap().0, 200);
+
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    // A message that is no canonical event: dead-lettered, never blocking.
+    js.publish(
+        format!("tallyman.{NS}.events.order.created"),
+        Bytes::from_static(b"not json"),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    publish_orders(&js, &erp, 3).await;
+    wait_all_completed(&js, 3, Duration::from_secs(30)).await;
+    assert_one_invoice_per_order(&erp, 3);
+
+    let mut dlq = js
+        .get_stream(format!("TALLYMAN_{}_DLQ", NS.to_uppercase()))
+        .await
+        .unwrap();
+    assert_eq!(
+        dlq.info().await.unwrap().state.messages,
+        1,
+        "the poison message is in the dead-letter stream"
+    );
+
+    let (status, metrics) = get(port, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        r#"tallyman_worker_instances_started_total{namespace="finance",workflow="shipment-to-invoice"} 3"#,
+        r#"tallyman_worker_instances_ended_total{namespace="finance",workflow="shipment-to-invoice",outcome="completed"} 3"#,
+        r#"tallyman_worker_events_received_total{namespace="finance",workflow="shipment-to-invoice",type="shipment.confirmed"} 3"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    assert!(
+        metrics.contains("tallyman_worker_call_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
