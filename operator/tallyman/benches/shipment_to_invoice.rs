@@ -22,8 +22,9 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tallyman_testing::erp::{Order, OrderLine, SimErp};
+use tallyman_testing::erp::SimErp;
 use tallyman_testing::nats::NatsServer;
+use tallyman_testing::orders;
 
 const NS: &str = "finance";
 
@@ -146,15 +147,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..orders {
-        erp.seed_order(Order {
-            order_id: format!("ORD-{i}"),
-            customer_id: format!("C-{i}"),
-            currency: "EUR".into(),
-            lines: vec![
-                OrderLine::new("A", 2, "19.99"),
-                OrderLine::new("B", 5, "0.10"),
-            ],
-        });
+        erp.seed_order(orders::order(i));
     }
     let sent: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(orders)));
@@ -195,27 +188,13 @@ async fn run(workers: usize, orders: usize, rate: usize) {
                 tokio::time::sleep(wait).await;
             }
         }
-        let order = format!("ORD-{i}");
-        for (ty, data) in [
-            (
-                "order.created",
-                format!(r#"{{"orderId":"{order}","customerId":"C-{i}","channel":"web"}}"#),
-            ),
-            (
-                "shipment.confirmed",
-                format!(
-                    r#"{{"orderId":"{order}","shipmentId":"SH-{i}","warehouse":"HAM","confirmedBy":"wms-7","lines":[{{"sku":"A","qty":2}},{{"sku":"B","qty":5}}]}}"#
-                ),
-            ),
-        ] {
-            let id = format!("{ty}-{i}");
-            let payload = format!(
-                r#"{{"id":"{id}","type":"{ty}","source":"bench","time":"2026-11-26T09:00:00Z","data":{data}}}"#
-            );
+        for (ty, id, payload) in orders::events(i, "bench") {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
             if ty == "shipment.confirmed" {
-                sent.lock().unwrap().insert(order.clone(), Instant::now());
+                sent.lock()
+                    .unwrap()
+                    .insert(format!("ORD-{i}"), Instant::now());
             }
             pending.push(
                 js.publish_with_headers(

@@ -8,3 +8,4 @@
 
 pub mod erp;
 pub mod nats;
+pub mod orders;

@@ -326,18 +326,7 @@ impl<'a> Machine<'a> {
                 detail,
             } => match inst.wait.clone() {
                 Some(Wait::Case { name: n, during }) if n == name => {
-                    inst.wait = None;
-                    let kind = if approved {
-                        AuditKind::CaseApproved
-                    } else {
-                        AuditKind::CaseRejected
-                    };
-                    self.audit(
-                        inst,
-                        kind,
-                        Some(self.step_name(inst)),
-                        serde_json::json!({"case": name, "detail": detail}),
-                    );
+                    self.decided(inst, &name, approved, &detail);
                     if approved {
                         self.approved(inst, during)?;
                     } else {
@@ -346,18 +335,7 @@ impl<'a> Machine<'a> {
                     Ok(None)
                 }
                 Some(Wait::FailedCall { case }) if case == name => {
-                    inst.wait = None;
-                    let kind = if approved {
-                        AuditKind::CaseApproved
-                    } else {
-                        AuditKind::CaseRejected
-                    };
-                    self.audit(
-                        inst,
-                        kind,
-                        Some(self.step_name(inst)),
-                        serde_json::json!({"case": name, "detail": detail}),
-                    );
+                    self.decided(inst, &name, approved, &detail);
                     if !approved {
                         self.end(
                             inst,
@@ -412,6 +390,22 @@ impl<'a> Machine<'a> {
                 }
             }
         }
+    }
+
+    /// People decided the case the instance waited for: stop waiting, audit.
+    fn decided(&self, inst: &mut Instance, case: &str, approved: bool, detail: &str) {
+        inst.wait = None;
+        let kind = if approved {
+            AuditKind::CaseApproved
+        } else {
+            AuditKind::CaseRejected
+        };
+        self.audit(
+            inst,
+            kind,
+            Some(self.step_name(inst)),
+            serde_json::json!({"case": case, "detail": detail}),
+        );
     }
 
     /// Run steps until the instance waits, needs a call, or ends.

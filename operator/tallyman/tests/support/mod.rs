@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use bytes::Bytes;
-use tallyman_testing::erp::{Order, OrderLine, SimErp};
+use tallyman_testing::erp::SimErp;
+use tallyman_testing::orders;
 
 pub const NS: &str = "finance";
 pub const WF: &str = "shipment-to-invoice";
@@ -89,32 +90,8 @@ impl Drop for WorkerProcess {
 
 pub async fn publish_orders(js: &jetstream::Context, erp: &SimErp, n: usize) {
     for i in 0..n {
-        let order = format!("ORD-{i}");
-        erp.seed_order(Order {
-            order_id: order.clone(),
-            customer_id: format!("C-{i}"),
-            currency: "EUR".into(),
-            lines: vec![
-                OrderLine::new("A", 2, "19.99"),
-                OrderLine::new("B", 5, "0.10"),
-            ],
-        });
-        for (ty, data) in [
-            (
-                "order.created",
-                format!(r#"{{"orderId":"{order}","customerId":"C-{i}","channel":"web"}}"#),
-            ),
-            (
-                "shipment.confirmed",
-                format!(
-                    r#"{{"orderId":"{order}","shipmentId":"SH-{i}","warehouse":"HAM","confirmedBy":"wms-7","lines":[{{"sku":"A","qty":2}},{{"sku":"B","qty":5}}]}}"#
-                ),
-            ),
-        ] {
-            let id = format!("{ty}-{i}");
-            let payload = format!(
-                r#"{{"id":"{id}","type":"{ty}","source":"test","time":"2026-11-26T09:00:00Z","data":{data}}}"#
-            );
+        erp.seed_order(orders::order(i));
+        for (ty, id, payload) in orders::events(i, "test") {
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
             // Before a worker has created the stream, a publish may find none: retry.
