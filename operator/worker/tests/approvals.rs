@@ -79,21 +79,6 @@ async fn wait_state(cases: &tallyman_worker::cases::KvCases, name: &str, state: 
     .await;
 }
 
-async fn wait_status(run: &Running, key: &str, status: Status) {
-    eventually(
-        &format!("instance {key} to become {status:?}"),
-        Duration::from_secs(15),
-        || async {
-            run.worker
-                .instance(key)
-                .await
-                .unwrap()
-                .is_some_and(|i| i.status == status)
-        },
-    )
-    .await;
-}
-
 fn assert_invoiced_as_shipped(env: &Env, order: &str) {
     let invoices = env.erp.invoices();
     assert_eq!(invoices.len(), 1, "exactly one invoice");

@@ -16,21 +16,6 @@ use tallyman_testing::erp::{Order, OrderLine};
 
 const NS: &str = "finance";
 
-async fn wait_status(run: &Running, key: &str, status: Status) {
-    eventually(
-        &format!("instance {key} to become {status:?}"),
-        Duration::from_secs(20),
-        || async {
-            run.worker
-                .instance(key)
-                .await
-                .unwrap()
-                .is_some_and(|i| i.status == status)
-        },
-    )
-    .await;
-}
-
 /// The case opened for an instance.
 async fn case_for(run: &Running, key: &str) -> tallyman_worker::cases::CaseRecord {
     let started = std::time::Instant::now();

@@ -297,3 +297,19 @@ pub async fn audit_of(nats: &str, ns: &str, key: &str) -> Vec<tallyman_core::aud
     mine.sort_by_key(|r| r.seq);
     mine
 }
+
+/// Wait until the stored instance `key` has `status`.
+pub async fn wait_status(run: &Running, key: &str, status: tallyman_core::engine::Status) {
+    eventually(
+        &format!("instance {key} to become {status:?}"),
+        Duration::from_secs(20),
+        || async {
+            run.worker
+                .instance(key)
+                .await
+                .unwrap()
+                .is_some_and(|i| i.status == status)
+        },
+    )
+    .await;
+}
