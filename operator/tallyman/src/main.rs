@@ -28,6 +28,8 @@ enum Command {
     Validate(cmd::validate::Args),
     /// Run one Workflow against NATS JetStream.
     Worker(Box<cmd::worker::Args>),
+    /// Serve a namespace's webhook Connectors, publishing events to JetStream.
+    Gateway(Box<cmd::gateway::Args>),
     /// Work with the audit trail.
     #[command(subcommand)]
     Audit(cmd::audit::Command),
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
         Command::Crdgen(args) => cmd::crdgen::run(args),
         Command::Validate(args) => cmd::validate::run(args),
         Command::Worker(args) => cmd::worker::run(*args),
+        Command::Gateway(args) => cmd::gateway::run(*args),
         Command::Audit(command) => cmd::audit::run(command),
     };
     match result {

@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod calls;
 pub mod cases;
+pub mod gateway;
 pub mod names;
 mod runtime;
 pub mod setup;
