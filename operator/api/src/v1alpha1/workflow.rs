@@ -168,7 +168,7 @@ pub struct CallStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<Expression>,
     /// CEL (string) producing the idempotency key; deterministic per instance.
-    /// Defaults to `<workflow>/<key>/<step>`.
+    /// Defaults to `<namespace>/<workflow>/<key>/<step>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<Expression>,
     /// For systems without idempotency keys: look the result up before

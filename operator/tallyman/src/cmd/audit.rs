@@ -72,7 +72,10 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                     if report.is_ok() {
                         "every chain verifies".to_string()
                     } else {
-                        format!("{} problems", report.problems.len())
+                        match report.problems.len() {
+                            1 => "1 problem".to_string(),
+                            n => format!("{n} problems"),
+                        }
                     }
                 );
             }
