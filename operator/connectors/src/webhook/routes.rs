@@ -19,7 +19,7 @@ use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 use tallyman_api::v1alpha1::{ConnectorSpec, SignatureScheme, WebhookSpec};
-use tallyman_core::cel::{EvalError, Program, Scope, Value, Vars, json};
+use tallyman_core::cel::{Env, EvalError, Program, Scope, Value, Vars, json};
 use tallyman_telemetry::ConnectorLabels;
 
 use super::server::Rejection;
@@ -354,6 +354,8 @@ impl Route {
         if self.needs_headers {
             vars.set("headers", self.headers_value(headers));
         }
+        // The payload is converted for CEL once per request, not once per expression.
+        let env = Env::new(&vars);
         let time = now.to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut body_hash: Option<String> = None;
         let mut events = Vec::new();
@@ -365,12 +367,12 @@ impl Route {
             };
             let eval = |field: &str, e: EvalError| failed(field, e.to_string());
             if let Some(when) = &e.when
-                && !when.eval_bool(&vars).map_err(|err| eval("when", err))?
+                && !when.eval_bool_env(&env).map_err(|err| eval("when", err))?
             {
                 continue;
             }
             let id = match &e.id {
-                Some(p) => p.eval_key(&vars).map_err(|err| eval("id", err))?,
+                Some(p) => p.eval_key_env(&env).map_err(|err| eval("id", err))?,
                 None => {
                     let hash = body_hash.get_or_insert_with(|| hex::encode(Sha256::digest(body)));
                     format!("{hash}:{}", e.type_)
@@ -393,7 +395,7 @@ impl Route {
                 ));
             }
             let data = match &e.data {
-                Some(p) => p.eval(&vars).map_err(|err| eval("data", err))?,
+                Some(p) => p.eval_env(&env).map_err(|err| eval("data", err))?,
                 None => payload.clone(),
             };
             let data = json::to_string(&data).map_err(|err| failed("data", err.to_string()))?;

@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 use kube_cel::cel::Program as Parsed;
 use kube_cel::cel::common::ast::{EntryExpr, Expr, IdedExpr};
 pub use kube_cel::cel::objects::Value;
-pub use program::{EvalError, Program, Vars};
+pub use program::{Env, EvalError, Program, Vars};
 
 /// Where an expression stands, and so what it may refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

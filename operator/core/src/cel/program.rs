@@ -98,15 +98,7 @@ impl Program {
     /// Evaluate to a string key: strings as they are, ints and decimals in
     /// their decimal text (instance keys, idempotency keys, event ids).
     pub fn eval_key(&self, vars: &dyn VariableResolver) -> Result<String, EvalError> {
-        match self.eval(vars)? {
-            Value::String(s) => Ok(s.to_string()),
-            Value::Int(i) => Ok(i.to_string()),
-            Value::UInt(u) => Ok(u.to_string()),
-            other => match finance::as_decimal(&other) {
-                Some(d) => Ok(d.to_string()),
-                None => Err(self.wrong_type("a string or a number", &other)),
-            },
-        }
+        key_of(self, self.eval(vars)?)
     }
 
     fn wrong_type(&self, want: &str, got: &Value) -> EvalError {
@@ -114,6 +106,58 @@ impl Program {
             expression: self.source.to_string(),
             message: format!("expected {want}, got {got:?}"),
         }
+    }
+}
+
+/// Variables converted once for several evaluations over the same data
+/// (the `when`, `id` and `data` of one webhook payload), instead of once per
+/// expression: converting a large payload into the interpreter's form is
+/// the dominant cost of evaluating against it.
+#[derive(Clone)]
+pub struct Env {
+    ctx: Arc<Context<'static>>,
+}
+
+impl Env {
+    pub fn new(vars: &Vars) -> Self {
+        let mut ctx = library().new_inner_scope();
+        for (name, value) in &vars.entries {
+            ctx.add_variable_from_value(*name, value.clone());
+        }
+        Self { ctx: Arc::new(ctx) }
+    }
+}
+
+impl Program {
+    /// Evaluate against variables converted once.
+    pub fn eval_env(&self, env: &Env) -> Result<Value, EvalError> {
+        Value::resolve(&self.expr, &env.ctx).map_err(|e| EvalError {
+            expression: self.source.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn eval_bool_env(&self, env: &Env) -> Result<bool, EvalError> {
+        match self.eval_env(env)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(self.wrong_type("a bool", &other)),
+        }
+    }
+
+    pub fn eval_key_env(&self, env: &Env) -> Result<String, EvalError> {
+        key_of(self, self.eval_env(env)?)
+    }
+}
+
+fn key_of(p: &Program, v: Value) -> Result<String, EvalError> {
+    match v {
+        Value::String(s) => Ok(s.to_string()),
+        Value::Int(i) => Ok(i.to_string()),
+        Value::UInt(u) => Ok(u.to_string()),
+        other => match finance::as_decimal(&other) {
+            Some(d) => Ok(d.to_string()),
+            None => Err(p.wrong_type("a string or a number", &other)),
+        },
     }
 }
 
@@ -264,6 +308,19 @@ mod tests {
             eval("1 + 2 == 3 && 'a' + 'b' == 'ab' && [1] + [2] == [1, 2]", &v),
             "true"
         );
+    }
+
+    #[test]
+    fn an_env_gives_the_same_results_as_vars() {
+        let v = event(r#"{"lines": [{"qty": 3, "price": 0.1}, {"qty": 7, "price": 0.2}]}"#);
+        let env = Env::new(&v);
+        for src in [
+            "event.data.lines.map(l, l.qty * l.price).sum()",
+            "size(event.data.lines) == 2",
+        ] {
+            let p = Program::compile(src, Scope::Step).unwrap();
+            assert_eq!(p.eval_env(&env).unwrap(), p.eval(&v).unwrap(), "{src}");
+        }
     }
 
     #[test]
