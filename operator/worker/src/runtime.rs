@@ -735,15 +735,7 @@ impl Worker {
         let mut acks = Vec::with_capacity(4);
         let send =
             |subject: String, msg_id: String, payload: String, headers: Option<HeaderMap>| {
-                let mut publish = Publish::build()
-                    .message_id(msg_id)
-                    .payload(Bytes::from(payload));
-                for (name, values) in headers.iter().flat_map(|h| h.iter()) {
-                    for v in values {
-                        publish = publish.header(name.clone(), v.clone());
-                    }
-                }
-                (subject, publish)
+                (subject, message(&msg_id, payload, headers))
             };
         let mut messages = Vec::with_capacity(4);
         let audits: Vec<&tallyman_core::audit::AuditRecord> = inst
@@ -785,39 +777,24 @@ impl Worker {
                 Outbound::Wake { due_ms } => {
                     // One schedule subject per instance: a newer wake-up
                     // replaces the schedule instead of adding one.
-                    let (subject, headers) = self.schedule(*due_ms);
-                    let payload = serde_json::to_string(&TimerMsg {
+                    let timer = TimerMsg {
                         key: inst.key.clone(),
                         token: "wake".into(),
                         due_ms: *due_ms,
                         case: None,
-                    })
-                    .map_err(|e| Error::Publish(e.to_string()))?;
-                    messages.push(send(
-                        subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&prefix))),
-                        format!("{prefix}/wake/{due_ms}"),
-                        payload,
-                        headers,
-                    ));
+                    };
+                    messages.push(self.timer_message(&timer, &prefix, &format!("{prefix}/wake/{due_ms}"))?);
                 }
                 Outbound::OpenCase(req) => {
                     self.cases.open(req, now).await?;
                     let Some(deadline) = req.deadline_ms else { continue };
-                    let token = format!("{prefix}/case/{}", req.name);
-                    let (subject, headers) = self.schedule(deadline);
-                    let payload = serde_json::to_string(&TimerMsg {
+                    let timer = TimerMsg {
                         key: inst.key.clone(),
-                        token: token.clone(),
+                        token: format!("{prefix}/case/{}", req.name),
                         due_ms: deadline,
                         case: Some(req.name.clone()),
-                    })
-                    .map_err(|e| Error::Publish(e.to_string()))?;
-                    messages.push(send(
-                        subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token))),
-                        token,
-                        payload,
-                        headers,
-                    ));
+                    };
+                    messages.push(self.timer_message(&timer, &timer.token, &timer.token)?);
                 }
             }
         }
@@ -832,6 +809,21 @@ impl Worker {
             ack.await.map_err(|e| Error::Publish(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// A timer as a message: to the due subject when it is due now, else a
+    /// schedule on the subject of `schedule_id` (one schedule per id).
+    fn timer_message(
+        &self,
+        timer: &TimerMsg,
+        schedule_id: &str,
+        msg_id: &str,
+    ) -> Result<(String, Publish), Error> {
+        let (subject, headers) = self.schedule(timer.due_ms);
+        let payload = serde_json::to_string(timer).map_err(|e| Error::Publish(e.to_string()))?;
+        let subject =
+            subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(schedule_id)));
+        Ok((subject, message(msg_id, payload, headers)))
     }
 
     /// Where and how to publish a timer due at `due_ms`: straight to the due
@@ -931,25 +923,13 @@ impl Worker {
             .as_ref()
             .map(tallyman_core::policy::from_time)
         {
-            let token = format!("{}/escalated", timer.token);
-            let (subject, headers) = self.schedule(deadline.timestamp_millis());
-            let payload = serde_json::to_string(&TimerMsg {
+            let next = TimerMsg {
                 key: timer.key.clone(),
-                token: token.clone(),
+                token: format!("{}/escalated", timer.token),
                 due_ms: deadline.timestamp_millis(),
                 case: Some(case.to_string()),
-            })
-            .map_err(|e| Error::Publish(e.to_string()))?;
-            let mut publish = Publish::build()
-                .message_id(&token)
-                .payload(Bytes::from(payload));
-            for (name, values) in headers.iter().flat_map(|h| h.iter()) {
-                for v in values {
-                    publish = publish.header(name.clone(), v.clone());
-                }
-            }
-            let subject =
-                subject.unwrap_or_else(|| self.names.timer_schedule_subject(&short_id(&token)));
+            };
+            let (subject, publish) = self.timer_message(&next, &next.token, &next.token)?;
             self.js()
                 .send_publish(subject, publish)
                 .await
@@ -1036,6 +1016,19 @@ impl Worker {
 fn backoff(first: Duration, attempts: u32, max: Duration) -> Duration {
     let doubled = first.saturating_mul(1 << attempts.saturating_sub(1).min(16));
     doubled.min(max.max(first))
+}
+
+/// A JetStream message with its deduplication id and optional headers.
+fn message(msg_id: &str, payload: String, headers: Option<HeaderMap>) -> Publish {
+    let mut publish = Publish::build()
+        .message_id(msg_id)
+        .payload(Bytes::from(payload));
+    for (name, values) in headers.iter().flat_map(|h| h.iter()) {
+        for v in values {
+            publish = publish.header(name.clone(), v.clone());
+        }
+    }
+    publish
 }
 
 fn json_str(s: &str) -> String {
