@@ -658,66 +658,72 @@ impl<'a> Machine<'a> {
             self.now,
         )?;
         let step = Some(self.step_name(inst));
-        match ruling {
+        let (rule, approvers) = match ruling {
+            Ruling::RequireApproval { rule, approvers } => (rule, approvers),
             Ruling::AutoApprove { rule } => {
-                self.audit(
-                    inst,
-                    AuditKind::CaseApproved,
-                    step,
-                    serde_json::json!({"policy": a.policy, "rule": rule, "auto": true}),
-                );
-                self.approved(inst, during)
+                return self.decided_by_policy(inst, a, during, true, Some(rule));
             }
             Ruling::AutoReject { rule } => {
-                self.audit(
-                    inst,
-                    AuditKind::CaseRejected,
-                    step,
-                    serde_json::json!({"policy": a.policy, "rule": rule, "auto": true}),
-                );
-                self.rejected(inst, during)
+                return self.decided_by_policy(inst, a, during, false, Some(rule));
             }
-            Ruling::NoRuleMatched => {
-                self.audit(
-                    inst,
-                    AuditKind::CaseRejected,
-                    step,
-                    serde_json::json!({"policy": a.policy, "rule": null, "auto": true}),
-                );
-                self.rejected(inst, during)
-            }
-            Ruling::RequireApproval { rule, approvers } => {
-                let (deadline, escalate_to) = policy.expiry(self.now);
-                let sod = &policy.spec.segregation_of_duties;
-                let name = self.case_name(inst);
-                let request = CaseRequest {
-                    name: name.clone(),
-                    workflow: self.def.def.workflow.clone(),
-                    key: inst.key.clone(),
-                    revision: inst.revision.clone(),
-                    reason: a.reason.clone(),
-                    facts: facts_json,
-                    initiator,
-                    policy: a.policy.clone(),
-                    rule,
-                    required: approvers,
-                    exclude_initiator: sod.exclude_initiator,
-                    distinct_approvers: sod.distinct_approvers,
-                    deadline_ms: deadline.map(|d| d.timestamp_millis()),
-                    escalate_to,
-                    escalation_window_ms: policy.escalation_window().map(|w| w.as_millis() as u64),
-                    blocking: true,
-                };
-                self.audit(
-                    inst,
-                    AuditKind::CaseOpened,
-                    step,
-                    serde_json::json!({"case": name, "policy": a.policy, "rule": request.rule}),
-                );
-                inst.outbox.push(Outbound::OpenCase(Box::new(request)));
-                inst.wait = Some(Wait::Case { name, during });
-                Ok(())
-            }
+            Ruling::NoRuleMatched => return self.decided_by_policy(inst, a, during, false, None),
+        };
+        let (deadline, escalate_to) = policy.expiry(self.now);
+        let sod = &policy.spec.segregation_of_duties;
+        let name = self.case_name(inst);
+        let request = CaseRequest {
+            name: name.clone(),
+            workflow: self.def.def.workflow.clone(),
+            key: inst.key.clone(),
+            revision: inst.revision.clone(),
+            reason: a.reason.clone(),
+            facts: facts_json,
+            initiator,
+            policy: a.policy.clone(),
+            rule,
+            required: approvers,
+            exclude_initiator: sod.exclude_initiator,
+            distinct_approvers: sod.distinct_approvers,
+            deadline_ms: deadline.map(|d| d.timestamp_millis()),
+            escalate_to,
+            escalation_window_ms: policy.escalation_window().map(|w| w.as_millis() as u64),
+            blocking: true,
+        };
+        self.audit(
+            inst,
+            AuditKind::CaseOpened,
+            step,
+            serde_json::json!({"case": name, "policy": a.policy, "rule": request.rule}),
+        );
+        inst.outbox.push(Outbound::OpenCase(Box::new(request)));
+        inst.wait = Some(Wait::Case { name, during });
+        Ok(())
+    }
+
+    /// The policy decided without people: audit it and go on.
+    fn decided_by_policy(
+        &self,
+        inst: &mut Instance,
+        a: &CApproval,
+        during: Phase,
+        approved: bool,
+        rule: Option<String>,
+    ) -> Step<()> {
+        let kind = if approved {
+            AuditKind::CaseApproved
+        } else {
+            AuditKind::CaseRejected
+        };
+        self.audit(
+            inst,
+            kind,
+            Some(self.step_name(inst)),
+            serde_json::json!({"policy": a.policy, "rule": rule, "auto": true}),
+        );
+        if approved {
+            self.approved(inst, during)
+        } else {
+            self.rejected(inst, during)
         }
     }
 
