@@ -40,6 +40,7 @@ use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
 use hyper_util::rt::TokioIo;
 use tallyman_testing::erp::{send, sign_hmac_sha256};
 use tallyman_testing::nats::NatsServer;
+use tallyman_testing::procstat::usage;
 use tokio::net::TcpStream;
 
 const NS: &str = "finance";
@@ -105,46 +106,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap()
-}
-
-/// (CPU seconds, peak RSS in MiB) of a process, from /proc.
-fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    (cpu, hwm / 1024.0)
-}
-
-fn nats_pid(url: &str) -> Option<u32> {
-    let port = url.rsplit(':').next()?;
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("nats-server.*-p {port}")])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// What one connection saw.
@@ -298,7 +259,7 @@ async fn run(webhooks: usize, rate: usize, connections: usize) {
     for _ in 0..connections {
         senders.push(connect(listen).await);
     }
-    let nats_pid = nats_pid(&nats.url());
+    let nats_pid = nats.pid();
     let before = (
         usage(gateway.id()).0,
         nats_pid.map_or(0.0, |p| usage(p).0),

@@ -25,6 +25,7 @@ use futures_util::StreamExt;
 use tallyman_testing::erp::SimErp;
 use tallyman_testing::nats::NatsServer;
 use tallyman_testing::orders;
+use tallyman_testing::procstat::usage;
 
 const NS: &str = "finance";
 
@@ -56,46 +57,6 @@ fn manifests(dir: &Path) -> PathBuf {
 struct Proc {
     name: String,
     child: Child,
-}
-
-/// (CPU seconds, peak RSS in MiB) of a process, from /proc.
-fn usage(pid: u32) -> (f64, f64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    (cpu, hwm / 1024.0)
-}
-
-fn nats_pid(url: &str) -> Option<u32> {
-    let port = url.rsplit(':').next()?;
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("nats-server.*-p {port}")])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()?
-        .trim()
-        .parse()
-        .ok()
 }
 
 async fn run(workers: usize, orders: usize, rate: usize) {
@@ -254,7 +215,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
         "  bench process (load + ERP): cpu={:.1}s peak_rss={:.0}MiB",
         me.0, me.1
     );
-    if let Some(pid) = nats_pid(&nats.url()) {
+    if let Some(pid) = nats.pid() {
         let u = usage(pid);
         println!("  nats-server: cpu={:.1}s peak_rss={:.0}MiB", u.0, u.1);
     }

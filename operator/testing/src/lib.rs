@@ -9,3 +9,4 @@
 pub mod erp;
 pub mod nats;
 pub mod orders;
+pub mod procstat;

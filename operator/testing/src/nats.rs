@@ -159,6 +159,11 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Crash: SIGKILL, no chance to flush or say goodbye. A no-op when it is
     /// not running.
     pub fn kill(&mut self) {
