@@ -38,11 +38,7 @@ enum Output {
 
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Verify(args) = cmd;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
-    runtime.block_on(async {
+    super::block_on(async {
         let client = async_nats::connect(&args.nats)
             .await
             .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
@@ -85,5 +81,5 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         } else {
             ExitCode::from(1)
         })
-    })
+    })?
 }

@@ -53,11 +53,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     tallyman_telemetry::init_tracing("gateway");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("failed to start the async runtime")?;
-    runtime.block_on(serve(args))
+    super::block_on(serve(args))?
 }
 
 /// The namespace's webhook Connectors, compiled.
