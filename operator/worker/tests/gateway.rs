@@ -159,7 +159,7 @@ async fn expect_event(
     assert_eq!(answer["ids"], serde_json::json!([id]));
     let (subject, msg_id, payload) = last_event(js).await;
     assert_eq!(subject, format!("tallyman.{NS}.events.{event_type}"));
-    assert_eq!(msg_id, id);
+    assert_eq!(msg_id, format!("{source}|{id}"));
     let event: Canonical = serde_json::from_slice(&payload).unwrap();
     assert_eq!(
         (

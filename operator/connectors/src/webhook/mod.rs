@@ -5,7 +5,7 @@
 //!   route (404) ─ method (405) ─ Content-Type (415) ─ body ≤ maxBodyBytes (413)
 //!   ─ signature over the raw body (401) ─ lossless JSON parse (400)
 //!   ─ events[]: when / id / data in CEL (422)
-//!   ─ publish every event, Nats-Msg-Id = event id, await each ack (503)
+//!   ─ publish every event, Nats-Msg-Id = "<source>|<event id>", await each ack (503)
 //!   ─ 202 {"accepted", "ids"}   or 200 {"duplicate": true} when all were known
 //! ```
 //!

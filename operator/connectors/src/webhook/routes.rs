@@ -81,8 +81,12 @@ pub struct Route {
 /// One canonical event, ready to publish.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CanonicalEvent {
-    /// The dedup identity, sent as `Nats-Msg-Id`.
+    /// The event's `id`.
     pub id: String,
+    /// The dedup identity sent as `Nats-Msg-Id`: the id within this
+    /// Connector (`tallyman_core::engine::dedup_key`), so equal ids from two
+    /// systems are two events.
+    pub msg_id: String,
     pub event_type: String,
     /// `tallyman.<namespace>.events.<type>`.
     pub subject: String,
@@ -341,7 +345,9 @@ impl Route {
         self.verifier
             .verify(headers, body, now.timestamp())
             .map_err(signature_rejection)?;
-        let payload = json::parse(body).map_err(|e| {
+        // Parsed once into the shared form: expressions in the fast subset
+        // read it without copying; others convert it once, when first needed.
+        let payload = json::parse_fast(body).map_err(|e| {
             Rejection::new(
                 StatusCode::BAD_REQUEST,
                 "bad_json",
@@ -349,12 +355,11 @@ impl Route {
             )
         })?;
         let mut vars = Vars::new()
-            .with("payload", payload.clone())
+            .with_fast("payload", payload.clone())
             .with("now", Value::Timestamp(now.fixed_offset()));
         if self.needs_headers {
             vars.set("headers", self.headers_value(headers));
         }
-        // The payload is converted for CEL once per request, not once per expression.
         let env = Env::new(&vars);
         let time = now.to_rfc3339_opts(SecondsFormat::Millis, true);
         let mut body_hash: Option<String> = None;
@@ -395,12 +400,16 @@ impl Route {
                 ));
             }
             let data = match &e.data {
-                Some(p) => p.eval_env(&env).map_err(|err| eval("data", err))?,
-                None => payload.clone(),
+                Some(p) => p
+                    .evaluate_env(&env)
+                    .map_err(|err| eval("data", err))?
+                    .to_json(),
+                None => payload.to_json(),
             };
-            let data = json::to_string(&data).map_err(|err| failed("data", err.to_string()))?;
+            let data = data.map_err(|err| failed("data", err.to_string()))?;
             events.push(CanonicalEvent {
                 payload: canonical(&id, &e.type_, &self.source, &time, &data),
+                msg_id: tallyman_core::engine::dedup_key(&self.source, &id),
                 id,
                 event_type: e.type_.clone(),
                 subject: e.subject.clone(),

@@ -341,7 +341,8 @@ impl Gateway {
                 let started = Instant::now();
                 let result = tokio::time::timeout(
                     timeout,
-                    self.publisher.publish(&e.subject, &e.id, e.payload.clone()),
+                    self.publisher
+                        .publish(&e.subject, &e.msg_id, e.payload.clone()),
                 )
                 .await;
                 if let Ok(Ok(_)) = result {

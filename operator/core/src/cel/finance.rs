@@ -284,7 +284,10 @@ pub fn register(ctx: &mut Context<'_>) {
         "within",
         |a: Value, b: Value, tolerance: Value| -> ResolveResult {
             match (numeric(&a), numeric(&b), numeric(&tolerance)) {
-                (Some(a), Some(b), Some(t)) => Ok(Value::Bool((a - b).abs() <= t)),
+                (Some(a), Some(b), Some(t)) => a
+                    .checked_sub(b)
+                    .map(|d| Value::Bool(d.abs() <= t))
+                    .ok_or_else(|| err("within", "overflow")),
                 _ => Err(err("within", "within(a, b, tolerance) takes three numbers")),
             }
         },

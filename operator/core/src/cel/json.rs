@@ -6,6 +6,7 @@
 //! into a `decimal` holding exactly the digits written; the writer prints a
 //! decimal with exactly the digits it holds (`1250.10` stays `1250.10`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::sync::Arc;
@@ -31,9 +32,20 @@ const MAX_DEPTH: usize = 128;
 
 /// Parse JSON text into a CEL value.
 pub fn parse(text: &[u8]) -> Result<Value, JsonError> {
+    parse_into(text)
+}
+
+/// Parse JSON text into the evaluator's shared form
+/// ([`super::fast::Val`]): the same numbers, strings and errors as
+/// [`parse`], without going through a CEL value.
+pub fn parse_fast(text: &[u8]) -> Result<super::fast::Val, JsonError> {
+    parse_into(text)
+}
+
+fn parse_into<B: Build>(text: &[u8]) -> Result<B, JsonError> {
     let mut p = Parser { s: text, i: 0 };
     p.ws();
-    let v = p.value(0)?;
+    let v = p.value::<B>(0)?;
     p.ws();
     if p.i != p.s.len() {
         return Err(p.error("trailing characters after the JSON value"));
@@ -41,12 +53,56 @@ pub fn parse(text: &[u8]) -> Result<Value, JsonError> {
     Ok(v)
 }
 
+/// What the parser builds: a CEL value, or the evaluator's shared form.
+pub(crate) trait Build: Sized {
+    fn null() -> Self;
+    fn bool(b: bool) -> Self;
+    fn int(i: i64) -> Self;
+    fn uint(u: u64) -> Self;
+    fn decimal(d: rust_decimal::Decimal) -> Self;
+    fn string(s: Cow<'_, str>) -> Self;
+    fn list(items: Vec<Self>) -> Self;
+    /// Entries in the order written; a repeated key keeps its last value.
+    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self;
+}
+
+impl Build for Value {
+    fn null() -> Self {
+        Value::Null
+    }
+    fn bool(b: bool) -> Self {
+        Value::Bool(b)
+    }
+    fn int(i: i64) -> Self {
+        Value::Int(i)
+    }
+    fn uint(u: u64) -> Self {
+        Value::UInt(u)
+    }
+    fn decimal(d: rust_decimal::Decimal) -> Self {
+        decimal_value(d)
+    }
+    fn string(s: Cow<'_, str>) -> Self {
+        Value::String(Arc::new(s.into_owned()))
+    }
+    fn list(items: Vec<Self>) -> Self {
+        Value::List(Arc::new(items))
+    }
+    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self {
+        let map: HashMap<Key, Value> = entries
+            .into_iter()
+            .map(|(k, v)| (Key::String(Arc::new(k.into_owned())), v))
+            .collect();
+        Value::Map(Map { map: Arc::new(map) })
+    }
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     i: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn error(&self, what: &str) -> JsonError {
         JsonError(format!("invalid JSON at byte {}: {what}", self.i))
     }
@@ -66,7 +122,7 @@ impl Parser<'_> {
         }
     }
 
-    fn value(&mut self, depth: usize) -> Result<Value, JsonError> {
+    fn value<B: Build>(&mut self, depth: usize) -> Result<B, JsonError> {
         if depth > MAX_DEPTH {
             return Err(self.error("nested too deeply"));
         }
@@ -74,10 +130,10 @@ impl Parser<'_> {
             None => Err(self.error("unexpected end")),
             Some(b'{') => {
                 self.i += 1;
-                let mut map = HashMap::new();
+                let mut entries = Vec::new();
                 self.ws();
                 if self.eat(b"}") {
-                    return Ok(Value::Map(Map { map: Arc::new(map) }));
+                    return Ok(B::map(entries));
                 }
                 loop {
                     self.ws();
@@ -91,13 +147,13 @@ impl Parser<'_> {
                     }
                     self.ws();
                     let v = self.value(depth + 1)?;
-                    map.insert(Key::String(Arc::new(key)), v);
+                    entries.push((key, v));
                     self.ws();
                     if self.eat(b",") {
                         continue;
                     }
                     if self.eat(b"}") {
-                        return Ok(Value::Map(Map { map: Arc::new(map) }));
+                        return Ok(B::map(entries));
                     }
                     return Err(self.error("expected ',' or '}'"));
                 }
@@ -107,7 +163,7 @@ impl Parser<'_> {
                 let mut items = Vec::new();
                 self.ws();
                 if self.eat(b"]") {
-                    return Ok(Value::List(Arc::new(items)));
+                    return Ok(B::list(items));
                 }
                 loop {
                     self.ws();
@@ -117,21 +173,21 @@ impl Parser<'_> {
                         continue;
                     }
                     if self.eat(b"]") {
-                        return Ok(Value::List(Arc::new(items)));
+                        return Ok(B::list(items));
                     }
                     return Err(self.error("expected ',' or ']'"));
                 }
             }
-            Some(b'"') => Ok(Value::String(Arc::new(self.string()?))),
-            Some(b't') if self.eat(b"true") => Ok(Value::Bool(true)),
-            Some(b'f') if self.eat(b"false") => Ok(Value::Bool(false)),
-            Some(b'n') if self.eat(b"null") => Ok(Value::Null),
+            Some(b'"') => Ok(B::string(self.string()?)),
+            Some(b't') if self.eat(b"true") => Ok(B::bool(true)),
+            Some(b'f') if self.eat(b"false") => Ok(B::bool(false)),
+            Some(b'n') if self.eat(b"null") => Ok(B::null()),
             Some(c) if *c == b'-' || c.is_ascii_digit() => self.number(),
             Some(_) => Err(self.error("unexpected character")),
         }
     }
 
-    fn number(&mut self) -> Result<Value, JsonError> {
+    fn number<B: Build>(&mut self) -> Result<B, JsonError> {
         let start = self.i;
         let digits = |p: &mut Self| {
             let from = p.i;
@@ -164,19 +220,21 @@ impl Parser<'_> {
         let text = std::str::from_utf8(&self.s[start..self.i]).expect("ASCII digits");
         if integral {
             if let Ok(i) = text.parse::<i64>() {
-                return Ok(Value::Int(i));
+                return Ok(B::int(i));
             }
             if let Ok(u) = text.parse::<u64>() {
-                return Ok(Value::UInt(u));
+                return Ok(B::uint(u));
             }
         }
         parse_decimal(text)
-            .map(decimal_value)
+            .map(B::decimal)
             .map_err(|_| JsonError(format!("number {text} does not fit a decimal of 28 digits")))
     }
 
-    fn string(&mut self) -> Result<String, JsonError> {
+    /// A string; borrowed from the input when it has no escapes.
+    fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
         self.i += 1; // opening quote
+        let text: &'a [u8] = self.s;
         let mut out = String::new();
         loop {
             let start = self.i;
@@ -186,16 +244,19 @@ impl Parser<'_> {
             {
                 self.i += 1;
             }
-            out.push_str(
-                std::str::from_utf8(&self.s[start..self.i])
-                    .map_err(|_| self.error("invalid UTF-8"))?,
-            );
+            let chunk = std::str::from_utf8(&text[start..self.i])
+                .map_err(|_| self.error("invalid UTF-8"))?;
             match self.s.get(self.i) {
                 Some(b'"') => {
                     self.i += 1;
-                    return Ok(out);
+                    if out.is_empty() {
+                        return Ok(Cow::Borrowed(chunk));
+                    }
+                    out.push_str(chunk);
+                    return Ok(Cow::Owned(out));
                 }
                 Some(b'\\') => {
+                    out.push_str(chunk);
                     self.i += 1;
                     let c = *self
                         .s
@@ -326,7 +387,7 @@ pub fn write(v: &Value, out: &mut String) -> Result<(), JsonError> {
     Ok(())
 }
 
-fn string(s: &str, out: &mut String) {
+pub(crate) fn string(s: &str, out: &mut String) {
     out.push('"');
     for c in s.chars() {
         match c {

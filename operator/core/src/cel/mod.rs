@@ -9,6 +9,7 @@
 //! | webhook `events[]`   | `payload`, `headers`, `now`                       |
 //! | policy `rules[].when`| `facts`, `reason`, `workflow`, `initiator`, `now` |
 
+pub mod fast;
 pub mod finance;
 pub mod json;
 mod program;
@@ -18,7 +19,7 @@ use std::collections::BTreeSet;
 use kube_cel::cel::Program as Parsed;
 use kube_cel::cel::common::ast::{EntryExpr, Expr, IdedExpr};
 pub use kube_cel::cel::objects::Value;
-pub use program::{Env, EvalError, Program, Vars};
+pub use program::{Env, EvalError, Evaluated, Program, Vars};
 
 /// Where an expression stands, and so what it may refer to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,7 +1,13 @@
 //! Compiled expressions: parsed, checked against their scope and rewritten
 //! for exact decimals once per definition revision, then evaluated per event
 //! against a shared function library.
+//!
+//! An expression inside the fast evaluator's subset ([`super::fast`]) is
+//! evaluated there, over variables bound in its shared form; anything else,
+//! and any error, is evaluated by the `cel` interpreter, so both give the
+//! same result.
 
+use std::cell::OnceCell;
 use std::sync::{Arc, OnceLock};
 
 use kube_cel::KubeCelExt;
@@ -10,6 +16,8 @@ use kube_cel::cel::context::VariableResolver;
 use kube_cel::cel::objects::Value;
 use kube_cel::cel::{Context, Program as Parsed};
 
+use super::fast::{self, Val};
+use super::json::JsonError;
 use super::{ExpressionError, References, Scope, finance};
 
 /// A compiled expression. Cheap to clone; share it across instances.
@@ -18,6 +26,33 @@ pub struct Program {
     source: Arc<str>,
     expr: Arc<IdedExpr>,
     refs: Arc<References>,
+    /// The fast evaluator's form, when the expression is in its subset.
+    fast: Option<Arc<fast::Compiled>>,
+}
+
+/// What an expression gave: in the fast evaluator's shared form, or as a
+/// CEL value. Either converts to the other; JSON comes out the same.
+#[derive(Clone, Debug)]
+pub enum Evaluated {
+    Fast(Val),
+    Cel(Value),
+}
+
+impl Evaluated {
+    pub fn into_value(self) -> Value {
+        match self {
+            Evaluated::Fast(v) => v.to_value(),
+            Evaluated::Cel(v) => v,
+        }
+    }
+
+    /// JSON text, decimals with exactly their digits (`json::to_string`).
+    pub fn to_json(&self) -> Result<String, JsonError> {
+        match self {
+            Evaluated::Fast(v) => v.to_json(),
+            Evaluated::Cel(v) => super::json::to_string(v),
+        }
+    }
 }
 
 /// Why an evaluation failed, with the expression for context.
@@ -55,11 +90,49 @@ impl Program {
     pub(super) fn from_parsed(source: &str, parsed: &Parsed, refs: References) -> Self {
         let mut expr = parsed.expression().clone();
         finance::rewrite(&mut expr);
+        let fast = fast::Compiled::new(&expr).map(Arc::new);
         Self {
             source: source.into(),
             expr: Arc::new(expr),
             refs: Arc::new(refs),
+            fast,
         }
+    }
+
+    /// Whether the fast evaluator covers this expression.
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The same program, always evaluated by the interpreter (to compare
+    /// the two evaluators, in tests and benchmarks).
+    pub fn without_fast(&self) -> Program {
+        Program {
+            fast: None,
+            ..self.clone()
+        }
+    }
+
+    /// The fast evaluator's answer, when it has one: every variable it reads
+    /// has a shared form and nothing failed or left its subset.
+    fn eval_fast(&self, vars: &Vars) -> Option<Val> {
+        let fast = self.fast.as_deref()?;
+        fast.eval(&fast_globals(fast, vars)?)
+    }
+
+    /// Both evaluators' answers, for the differential tests: the fast one
+    /// (`None` when the expression or a variable is outside its subset)
+    /// and the interpreter's.
+    #[cfg(test)]
+    pub(crate) fn differential(
+        &self,
+        vars: &Vars,
+    ) -> (Option<Result<Val, fast::Fail>>, Result<Value, EvalError>) {
+        let fast = self
+            .fast
+            .as_deref()
+            .and_then(|f| Some(f.try_eval(&fast_globals(f, vars)?)));
+        (fast, self.eval_slow(vars))
     }
 
     pub fn source(&self) -> &str {
@@ -71,14 +144,28 @@ impl Program {
         &self.refs
     }
 
-    /// Evaluate with the variables `vars` provides. Only the variables the
-    /// expression refers to are bound, each converted once, so a variable
-    /// read inside a comprehension is not converted again per element.
-    pub fn eval(&self, vars: &dyn VariableResolver) -> Result<Value, EvalError> {
+    /// Evaluate with the variables `vars` provides: in the fast evaluator
+    /// when it can answer, else in the interpreter.
+    pub fn evaluate(&self, vars: &Vars) -> Result<Evaluated, EvalError> {
+        match self.eval_fast(vars) {
+            Some(v) => Ok(Evaluated::Fast(v)),
+            None => self.eval_slow(vars).map(Evaluated::Cel),
+        }
+    }
+
+    /// Evaluate to a CEL value.
+    pub fn eval(&self, vars: &Vars) -> Result<Value, EvalError> {
+        self.evaluate(vars).map(Evaluated::into_value)
+    }
+
+    /// The interpreter. Only the variables the expression refers to are
+    /// bound, each converted once, so a variable read inside a
+    /// comprehension is not converted again per element.
+    fn eval_slow(&self, vars: &Vars) -> Result<Value, EvalError> {
         let mut ctx = library().new_inner_scope();
         for name in &self.refs.variables {
-            if let Some(value) = vars.resolve(name) {
-                ctx.add_variable_from_value(name.clone(), value);
+            if let Some(b) = vars.binding(name) {
+                ctx.add_variable_from_value(name.clone(), b.cel().clone());
             }
         }
         Value::resolve(&self.expr, &ctx).map_err(|e| EvalError {
@@ -88,17 +175,14 @@ impl Program {
     }
 
     /// Evaluate to a bool, or fail saying what came out instead.
-    pub fn eval_bool(&self, vars: &dyn VariableResolver) -> Result<bool, EvalError> {
-        match self.eval(vars)? {
-            Value::Bool(b) => Ok(b),
-            other => Err(self.wrong_type("a bool", &other)),
-        }
+    pub fn eval_bool(&self, vars: &Vars) -> Result<bool, EvalError> {
+        bool_of(self, self.evaluate(vars)?)
     }
 
     /// Evaluate to a string key: strings as they are, ints and decimals in
     /// their decimal text (instance keys, idempotency keys, event ids).
-    pub fn eval_key(&self, vars: &dyn VariableResolver) -> Result<String, EvalError> {
-        key_of(self, self.eval(vars)?)
+    pub fn eval_key(&self, vars: &Vars) -> Result<String, EvalError> {
+        key_of(self, self.evaluate(vars)?)
     }
 
     fn wrong_type(&self, want: &str, got: &Value) -> EvalError {
@@ -109,47 +193,87 @@ impl Program {
     }
 }
 
-/// Variables converted once for several evaluations over the same data
-/// (the `when`, `id` and `data` of one webhook payload), instead of once per
-/// expression: converting a large payload into the interpreter's form is
-/// the dominant cost of evaluating against it.
-#[derive(Clone)]
+/// Variables shared by several evaluations over the same data (the `when`,
+/// `id` and `data` of one webhook payload). The fast evaluator reads them
+/// as they are; for the interpreter they are converted once, when an
+/// expression first needs it, instead of once per expression.
 pub struct Env {
-    ctx: Arc<Context<'static>>,
+    vars: Vars,
+    ctx: OnceCell<Context<'static>>,
 }
 
 impl Env {
     pub fn new(vars: &Vars) -> Self {
-        let mut ctx = library().new_inner_scope();
-        for (name, value) in &vars.entries {
-            ctx.add_variable_from_value(*name, value.clone());
+        Self {
+            vars: vars.clone(),
+            ctx: OnceCell::new(),
         }
-        Self { ctx: Arc::new(ctx) }
+    }
+
+    fn ctx(&self) -> &Context<'static> {
+        self.ctx.get_or_init(|| {
+            let mut ctx = library().new_inner_scope();
+            for b in &self.vars.entries {
+                ctx.add_variable_from_value(b.name, b.cel().clone());
+            }
+            ctx
+        })
     }
 }
 
 impl Program {
-    /// Evaluate against variables converted once.
+    /// Evaluate against shared variables.
+    pub fn evaluate_env(&self, env: &Env) -> Result<Evaluated, EvalError> {
+        if let Some(v) = self.eval_fast(&env.vars) {
+            return Ok(Evaluated::Fast(v));
+        }
+        Value::resolve(&self.expr, env.ctx())
+            .map(Evaluated::Cel)
+            .map_err(|e| EvalError {
+                expression: self.source.to_string(),
+                message: e.to_string(),
+            })
+    }
+
     pub fn eval_env(&self, env: &Env) -> Result<Value, EvalError> {
-        Value::resolve(&self.expr, &env.ctx).map_err(|e| EvalError {
-            expression: self.source.to_string(),
-            message: e.to_string(),
-        })
+        self.evaluate_env(env).map(Evaluated::into_value)
     }
 
     pub fn eval_bool_env(&self, env: &Env) -> Result<bool, EvalError> {
-        match self.eval_env(env)? {
-            Value::Bool(b) => Ok(b),
-            other => Err(self.wrong_type("a bool", &other)),
-        }
+        bool_of(self, self.evaluate_env(env)?)
     }
 
     pub fn eval_key_env(&self, env: &Env) -> Result<String, EvalError> {
-        key_of(self, self.eval_env(env)?)
+        key_of(self, self.evaluate_env(env)?)
     }
 }
 
-fn key_of(p: &Program, v: Value) -> Result<String, EvalError> {
+/// The variables `fast` reads, in the shared form; `None` when one has none.
+fn fast_globals(fast: &fast::Compiled, vars: &Vars) -> Option<fast::Globals> {
+    let mut globals: fast::Globals = Default::default();
+    for (i, name) in fast.variables() {
+        if let Some(b) = vars.binding(name) {
+            globals[i] = Some(b.fast()?.clone());
+        }
+    }
+    Some(globals)
+}
+
+fn bool_of(p: &Program, v: Evaluated) -> Result<bool, EvalError> {
+    match v {
+        Evaluated::Fast(Val::Bool(b)) | Evaluated::Cel(Value::Bool(b)) => Ok(b),
+        other => Err(p.wrong_type("a bool", &other.into_value())),
+    }
+}
+
+fn key_of(p: &Program, v: Evaluated) -> Result<String, EvalError> {
+    let v = match v {
+        Evaluated::Fast(Val::Str(s)) => return Ok(s.to_string()),
+        Evaluated::Fast(Val::Int(i)) => return Ok(i.to_string()),
+        Evaluated::Fast(Val::UInt(u)) => return Ok(u.to_string()),
+        Evaluated::Fast(Val::Dec(d)) => return Ok(d.to_string()),
+        other => other.into_value(),
+    };
     match v {
         Value::String(s) => Ok(s.to_string()),
         Value::Int(i) => Ok(i.to_string()),
@@ -161,10 +285,36 @@ fn key_of(p: &Program, v: Value) -> Result<String, EvalError> {
     }
 }
 
-/// Variables for one evaluation, by name.
-#[derive(Default)]
+/// Variables for one evaluation, by name. Each is given in the CEL form or
+/// in the fast evaluator's shared form and converted to the other at most
+/// once, when an expression first needs it.
+#[derive(Clone, Default)]
 pub struct Vars {
-    entries: Vec<(&'static str, Value)>,
+    entries: Vec<Binding>,
+}
+
+#[derive(Clone)]
+struct Binding {
+    name: &'static str,
+    cel: OnceLock<Value>,
+    /// `Some(None)`: the CEL value has no shared form.
+    fast: OnceLock<Option<Val>>,
+}
+
+impl Binding {
+    fn cel(&self) -> &Value {
+        self.cel.get_or_init(|| match self.fast.get() {
+            Some(Some(v)) => v.to_value(),
+            // Never: a binding is made with one of the two forms.
+            _ => Value::Null,
+        })
+    }
+
+    fn fast(&self) -> Option<&Val> {
+        self.fast
+            .get_or_init(|| self.cel.get().and_then(Val::from_value))
+            .as_ref()
+    }
 }
 
 impl Vars {
@@ -177,20 +327,44 @@ impl Vars {
         self
     }
 
+    /// Bind a variable in the shared form (no conversion unless an
+    /// expression outside the fast subset reads it).
+    pub fn with_fast(mut self, name: &'static str, value: Val) -> Self {
+        self.set_fast(name, value);
+        self
+    }
+
     pub fn set(&mut self, name: &'static str, value: Value) {
-        match self.entries.iter_mut().find(|(n, _)| *n == name) {
-            Some(entry) => entry.1 = value,
-            None => self.entries.push((name, value)),
+        self.put(Binding {
+            name,
+            cel: OnceLock::from(value),
+            fast: OnceLock::new(),
+        });
+    }
+
+    pub fn set_fast(&mut self, name: &'static str, value: Val) {
+        self.put(Binding {
+            name,
+            cel: OnceLock::new(),
+            fast: OnceLock::from(Some(value)),
+        });
+    }
+
+    fn put(&mut self, b: Binding) {
+        match self.entries.iter_mut().find(|e| e.name == b.name) {
+            Some(entry) => *entry = b,
+            None => self.entries.push(b),
         }
+    }
+
+    fn binding(&self, name: &str) -> Option<&Binding> {
+        self.entries.iter().find(|e| e.name == name)
     }
 }
 
 impl VariableResolver for Vars {
     fn resolve(&self, variable: &str) -> Option<Value> {
-        self.entries
-            .iter()
-            .find(|(n, _)| *n == variable)
-            .map(|(_, v)| v.clone())
+        self.binding(variable).map(|b| b.cel().clone())
     }
 }
 

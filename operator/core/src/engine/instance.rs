@@ -36,6 +36,20 @@ pub struct Event {
     pub data: String,
 }
 
+/// The identity under which an event is deduplicated, by the broker
+/// (`Nats-Msg-Id`) and by the instance: its `id` within its `source`, as
+/// CloudEvents defines identity. Two systems may well use the same id for
+/// different events; `source` (`<namespace>/<connector>`) never contains `|`.
+pub fn dedup_key(source: &str, id: &str) -> String {
+    format!("{source}|{id}")
+}
+
+impl Event {
+    pub fn dedup_key(&self) -> String {
+        dedup_key(&self.source, &self.id)
+    }
+}
+
 /// What an instance waits for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "for")]
@@ -129,7 +143,7 @@ pub struct Instance {
     pub events: BTreeMap<String, Event>,
     /// The type of the event that last woke the instance (`event` in CEL).
     pub woke_by: Option<String>,
-    /// Recently applied event ids, oldest first.
+    /// The [`dedup_key`]s of recently applied events, oldest first.
     pub applied: VecDeque<String>,
     /// Call step name → JSON text `{"status", "headers", "body"}`.
     pub responses: BTreeMap<String, String>,
@@ -183,9 +197,9 @@ impl Instance {
         }
     }
 
-    /// Whether an event with this id was applied already.
-    pub fn has_applied(&self, id: &str) -> bool {
-        self.applied.iter().any(|a| a == id)
+    /// Whether an event with this [`dedup_key`] was applied already.
+    pub fn has_applied(&self, key: &str) -> bool {
+        self.applied.iter().any(|a| a == key)
     }
 
     pub fn is_running(&self) -> bool {

@@ -30,7 +30,8 @@ pub use definition::*;
 pub use instance::*;
 
 use crate::audit::{AuditKind, Chain};
-use crate::cel::{EvalError, Program, Value, Vars, finance, json};
+use crate::cel::fast::Val;
+use crate::cel::{EvalError, Evaluated, Program, Value, Vars, finance, json};
 use crate::policy::Ruling;
 
 /// What wakes an instance.
@@ -98,36 +99,44 @@ pub struct Machine<'a> {
     /// Parsed event data, responses and variables, reused across the
     /// expressions of one apply instead of parsed per expression.
     cache: std::cell::RefCell<EnvCache>,
+    /// Steps that ran to completion in this apply, with how long each took
+    /// (the worker's `step_duration` metric; calls are timed by the worker).
+    timings: std::cell::RefCell<Vec<(usize, std::time::Duration)>>,
 }
 
+/// Values in the evaluator's shared form: cloning one is a reference count,
+/// so every expression of an apply reads the same parsed data.
 #[derive(Default)]
 struct EnvCache {
     /// Event type → (event id, value).
-    events: std::collections::HashMap<String, (String, Value)>,
-    /// Step name → (response text, value).
-    responses: std::collections::HashMap<String, (String, Value)>,
+    events: std::collections::HashMap<String, (String, Val)>,
+    /// Step name → (response text, `{"response": value}`).
+    responses: std::collections::HashMap<String, (String, Val)>,
     /// Variable name → (JSON text, value).
-    vars: std::collections::HashMap<String, (String, Value)>,
+    vars: std::collections::HashMap<String, (String, Val)>,
 }
 
 /// The parsed value of `text`, from `cache` when `tag` (the text itself or
 /// an id that identifies it) is unchanged.
 fn cached(
-    cache: &mut std::collections::HashMap<String, (String, Value)>,
+    cache: &mut std::collections::HashMap<String, (String, Val)>,
     name: &str,
     tag: &str,
     text: &str,
     what: &str,
-) -> Step<Value> {
+    wrap: impl FnOnce(Val) -> Val,
+) -> Step<Val> {
     if let Some((t, v)) = cache.get(name)
         && t == tag
     {
         return Ok(v.clone());
     }
-    let v = json::parse(text.as_bytes()).map_err(|e| EvalError {
-        expression: what.to_string(),
-        message: e.0,
-    })?;
+    let v = json::parse_fast(text.as_bytes())
+        .map(wrap)
+        .map_err(|e| EvalError {
+            expression: what.to_string(),
+            message: e.0,
+        })?;
     cache.insert(name.to_string(), (tag.to_string(), v.clone()));
     Ok(v)
 }
@@ -140,7 +149,21 @@ impl<'a> Machine<'a> {
             def,
             now,
             cache: Default::default(),
+            timings: Default::default(),
         }
+    }
+
+    /// The steps this machine executed since the last call, by name, with
+    /// their execution time: `check`, `set`, `emit`, an `approval` the
+    /// policy decided at once, a `wait` already due. Steps that wait for
+    /// events, timers or people, and calls (timed by the caller), are not
+    /// in it.
+    pub fn take_step_timings(&self) -> Vec<(&'a str, std::time::Duration)> {
+        self.timings
+            .borrow_mut()
+            .drain(..)
+            .map(|(i, d)| (self.def.steps[i].name.as_str(), d))
+            .collect()
     }
 
     fn now_ms(&self) -> i64 {
@@ -247,10 +270,11 @@ impl<'a> Machine<'a> {
     fn handle(&self, inst: &mut Instance, input: Input) -> Step<Option<Next>> {
         match input {
             Input::Event(ev) => {
-                if inst.has_applied(&ev.id) {
+                let key = ev.dedup_key();
+                if inst.has_applied(&key) {
                     return Ok(Some(Next::Idle));
                 }
-                inst.applied.push_back(ev.id.clone());
+                inst.applied.push_back(key);
                 while inst.applied.len() > APPLIED_IDS {
                     inst.applied.pop_front();
                 }
@@ -419,6 +443,7 @@ impl<'a> Machine<'a> {
                 return Ok(Next::Idle);
             }
             let s = self.current(inst);
+            let (index, started) = (inst.step, std::time::Instant::now());
             if let Some(when) = &s.when
                 && !when.eval_bool(&self.vars(inst)?)?
             {
@@ -475,7 +500,7 @@ impl<'a> Machine<'a> {
                     let env = self.vars(inst)?;
                     let mut values = Vec::new();
                     for (name, program) in vars {
-                        values.push((name.clone(), to_json(program, &program.eval(&env)?)?));
+                        values.push((name.clone(), to_json(program, &program.evaluate(&env)?)?));
                     }
                     inst.vars.extend(values);
                     self.complete_step(inst, serde_json::json!({}));
@@ -503,6 +528,10 @@ impl<'a> Machine<'a> {
                         inst.wait = Some(Wait::Timer { timer });
                     }
                 }
+            }
+            let waits = matches!(s.kind, CKind::Await { .. }) || inst.wait.is_some();
+            if !waits {
+                self.timings.borrow_mut().push((index, started.elapsed()));
             }
         }
     }
@@ -545,7 +574,7 @@ impl<'a> Machine<'a> {
             _ => (call.action.clone(), params_of(&call.params)?),
         };
         let body = match (&call.body, lookup) {
-            (Some(b), false) => Some(to_json(b, &b.eval(&vars)?)?),
+            (Some(b), false) => Some(to_json(b, &b.evaluate(&vars)?)?),
             _ => None,
         };
         let idempotency_key = match &call.idempotency_key {
@@ -865,7 +894,7 @@ impl<'a> Machine<'a> {
 
     fn emit(&self, inst: &mut Instance, e: &CEmit) -> Step<()> {
         let data = match &e.data {
-            Some(p) => to_json(p, &p.eval(&self.vars(inst)?)?)?,
+            Some(p) => to_json(p, &p.evaluate(&self.vars(inst)?)?)?,
             None => json::to_string(&Value::from(std::collections::HashMap::from([(
                 "key".to_string(),
                 Value::String(Arc::new(inst.key.clone())),
@@ -968,15 +997,17 @@ impl<'a> Machine<'a> {
         name
     }
 
-    /// The CEL variables of a step expression.
+    /// The CEL variables of a step expression, in the evaluator's shared
+    /// form: the parsed events, responses and variables are shared with the
+    /// cache, not copied.
     fn vars(&self, inst: &Instance) -> Step<Vars> {
         let mut cache = self.cache.borrow_mut();
-        let mut events = std::collections::HashMap::new();
+        let mut events = Vec::with_capacity(inst.events.len());
         for (t, ev) in &inst.events {
             let value = match cache.events.get(t) {
                 Some((id, v)) if *id == ev.id => v.clone(),
                 _ => {
-                    let data = json::parse(ev.data.as_bytes()).map_err(|e| EvalError {
+                    let data = json::parse_fast(ev.data.as_bytes()).map_err(|e| EvalError {
                         expression: "event data".into(),
                         message: e.0,
                     })?;
@@ -985,65 +1016,61 @@ impl<'a> Machine<'a> {
                     v
                 }
             };
-            events.insert(t.clone(), value);
+            events.push((t.as_str(), value));
         }
         let event = inst
             .woke_by
             .as_ref()
-            .and_then(|t| events.get(t).cloned())
-            .unwrap_or(Value::Null);
-        let mut steps = std::collections::HashMap::new();
+            .and_then(|t| events.iter().find(|(n, _)| n == t))
+            .map(|(_, v)| v.clone())
+            .unwrap_or(Val::Null);
+        let mut steps = Vec::with_capacity(inst.responses.len());
         for (name, response) in &inst.responses {
-            let value = cached(&mut cache.responses, name, response, response, "response")?;
-            steps.insert(
-                name.clone(),
-                Value::from(std::collections::HashMap::from([(
-                    "response".to_string(),
-                    value,
-                )])),
-            );
+            let value = cached(
+                &mut cache.responses,
+                name,
+                response,
+                response,
+                "response",
+                |v| Val::map([("response", v)]),
+            )?;
+            steps.push((name.as_str(), value));
         }
-        let mut vars = std::collections::HashMap::new();
+        let mut vars = Vec::with_capacity(inst.vars.len());
         for (name, text) in &inst.vars {
-            vars.insert(
-                name.clone(),
-                cached(&mut cache.vars, name, text, text, "variable")?,
-            );
+            vars.push((
+                name.as_str(),
+                cached(&mut cache.vars, name, text, text, "variable", |v| v)?,
+            ));
         }
         Ok(Vars::new()
-            .with("key", Value::String(Arc::new(inst.key.clone())))
-            .with("event", event)
-            .with("events", Value::from(events))
-            .with("steps", Value::from(steps))
-            .with("vars", Value::from(vars))
+            .with_fast("key", Val::str(&inst.key))
+            .with_fast("event", event)
+            .with_fast("events", Val::map(events))
+            .with_fast("steps", Val::map(steps))
+            .with_fast("vars", Val::map(vars))
             .with("now", Value::Timestamp(self.now.fixed_offset())))
     }
 
     /// The instance key an event belongs to.
     pub fn correlate(def: &Compiled, ev: &Event) -> Result<String, EvalError> {
-        let data = json::parse(ev.data.as_bytes()).map_err(|e| EvalError {
+        let data = json::parse_fast(ev.data.as_bytes()).map_err(|e| EvalError {
             expression: def.correlate.source().to_string(),
             message: format!("event data is not JSON: {}", e.0),
         })?;
-        let vars = Vars::new().with("event", event_value(ev, data));
+        let vars = Vars::new().with_fast("event", event_value(ev, data));
         def.correlate.eval_key(&vars)
     }
 }
 
-fn event_value(ev: &Event, data: Value) -> Value {
-    Value::from(std::collections::HashMap::from([
-        ("id".to_string(), Value::String(Arc::new(ev.id.clone()))),
-        (
-            "type".to_string(),
-            Value::String(Arc::new(ev.type_.clone())),
-        ),
-        (
-            "source".to_string(),
-            Value::String(Arc::new(ev.source.clone())),
-        ),
-        ("time".to_string(), Value::String(Arc::new(ev.time.clone()))),
-        ("data".to_string(), data),
-    ]))
+fn event_value(ev: &Event, data: Val) -> Val {
+    Val::map([
+        ("id", Val::str(&ev.id)),
+        ("type", Val::str(&ev.type_)),
+        ("source", Val::str(&ev.source)),
+        ("time", Val::str(&ev.time)),
+        ("data", data),
+    ])
 }
 
 /// `{status, headers, body}`; a body that is not JSON stays a string.
@@ -1073,8 +1100,8 @@ fn response_value(result: &CallResult) -> Step<Value> {
     ])))
 }
 
-fn to_json(program: &Program, v: &Value) -> Step<String> {
-    json::to_string(v).map_err(|e| EvalError {
+fn to_json(program: &Program, v: &Evaluated) -> Step<String> {
+    v.to_json().map_err(|e| EvalError {
         expression: program.source().to_string(),
         message: e.0,
     })

@@ -124,6 +124,8 @@ fn matching_quantities_become_one_invoice() {
     assert_eq!(key, "4711");
     let mut inst = Instance::new(&key, &def.revision, t0().timestamp_millis());
     assert_eq!(m.apply(&mut inst, order_created()), Next::Idle);
+    // Waiting for the shipment is not executing a step.
+    assert_eq!(m.take_step_timings(), vec![]);
     assert_eq!(
         inst.wait,
         Some(Wait::Events {
@@ -147,6 +149,17 @@ fn matching_quantities_become_one_invoice() {
         Next::Idle
     );
     assert_eq!(inst.status, Status::Completed);
+    // Every step that ran to completion here was timed once, the await (it
+    // waited) and the calls (the worker times those) were not.
+    let timed: Vec<&str> = m.take_step_timings().iter().map(|(s, _)| *s).collect();
+    let expected: Vec<&str> = def
+        .steps
+        .iter()
+        .filter(|s| !matches!(s.kind, CKind::Await { .. } | CKind::Call(_)))
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(timed, expected);
     let emitted = emits(&inst);
     assert_eq!(emitted.len(), 1);
     assert_eq!(emitted[0].0, "invoice.created");

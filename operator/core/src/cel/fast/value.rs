@@ -1,0 +1,229 @@
+//! The shared value form: cloning is a reference count, never a copy.
+
+use std::borrow::Cow;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use chrono::{DateTime, FixedOffset};
+use kube_cel::cel::objects::{Key, Map, Value};
+use rust_decimal::Decimal;
+
+use crate::cel::finance::{as_decimal, decimal_from_f64, decimal_value};
+use crate::cel::json::{self, Build};
+
+/// A value of the fast evaluator. Lists and maps are shared, strings are
+/// `Arc<str>`; a JSON fraction is an exact [`Decimal`], as in the `cel` form.
+#[derive(Clone, Debug)]
+pub enum Val {
+    Null,
+    Bool(bool),
+    Int(i64),
+    UInt(u64),
+    Double(f64),
+    Dec(Decimal),
+    Str(Arc<str>),
+    List(Arc<Vec<Val>>),
+    Map(Arc<ValMap>),
+    Timestamp(DateTime<FixedOffset>),
+}
+
+/// A map with string keys, sorted by key (so lookups are a binary search
+/// and JSON comes out in the sorted order `json::write` uses).
+#[derive(Clone, Debug, Default)]
+pub struct ValMap(Vec<(Arc<str>, Val)>);
+
+impl ValMap {
+    /// From entries in any order; a repeated key keeps its last value, as
+    /// a `HashMap` built by inserting them in order would.
+    pub fn from_entries(mut entries: Vec<(Arc<str>, Val)>) -> Self {
+        // Stable: equal keys stay in insertion order, the last one wins.
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out: Vec<(Arc<str>, Val)> = Vec::with_capacity(entries.len());
+        for (k, v) in entries {
+            match out.last_mut() {
+                Some(last) if last.0 == k => last.1 = v,
+                _ => out.push((k, v)),
+            }
+        }
+        Self(out)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Val> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Val)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+}
+
+impl Val {
+    pub fn str(s: &str) -> Val {
+        Val::Str(Arc::from(s))
+    }
+
+    /// A map from `(key, value)` pairs.
+    pub fn map<K: AsRef<str>>(entries: impl IntoIterator<Item = (K, Val)>) -> Val {
+        Val::Map(Arc::new(ValMap::from_entries(
+            entries
+                .into_iter()
+                .map(|(k, v)| (Arc::from(k.as_ref()), v))
+                .collect(),
+        )))
+    }
+
+    /// The CEL value this stands for.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Val::Null => Value::Null,
+            Val::Bool(b) => Value::Bool(*b),
+            Val::Int(i) => Value::Int(*i),
+            Val::UInt(u) => Value::UInt(*u),
+            Val::Double(f) => Value::Float(*f),
+            Val::Dec(d) => decimal_value(*d),
+            Val::Str(s) => Value::String(Arc::new(s.to_string())),
+            Val::List(items) => Value::List(Arc::new(items.iter().map(Val::to_value).collect())),
+            Val::Map(m) => Value::Map(Map {
+                map: Arc::new(
+                    m.iter()
+                        .map(|(k, v)| (Key::String(Arc::new(k.to_string())), v.to_value()))
+                        .collect(),
+                ),
+            }),
+            Val::Timestamp(t) => Value::Timestamp(*t),
+        }
+    }
+
+    /// The shared form of a CEL value, when it has one: maps must have
+    /// string keys; bytes, durations and opaque values other than decimals
+    /// have none.
+    pub fn from_value(v: &Value) -> Option<Val> {
+        Some(match v {
+            Value::Null => Val::Null,
+            Value::Bool(b) => Val::Bool(*b),
+            Value::Int(i) => Val::Int(*i),
+            Value::UInt(u) => Val::UInt(*u),
+            Value::Float(f) => Val::Double(*f),
+            Value::String(s) => Val::Str(Arc::from(s.as_str())),
+            Value::List(items) => Val::List(Arc::new(
+                items.iter().map(Val::from_value).collect::<Option<_>>()?,
+            )),
+            Value::Map(m) => {
+                let mut entries = Vec::with_capacity(m.map.len());
+                for (k, v) in m.map.iter() {
+                    let Key::String(k) = k else { return None };
+                    entries.push((Arc::from(k.as_str()), Val::from_value(v)?));
+                }
+                Val::Map(Arc::new(ValMap::from_entries(entries)))
+            }
+            Value::Timestamp(t) => Val::Timestamp(*t),
+            other => Val::Dec(as_decimal(other)?),
+        })
+    }
+
+    /// JSON text, exactly as `json::to_string` writes the CEL value.
+    pub fn to_json(&self) -> Result<String, json::JsonError> {
+        let mut out = String::new();
+        if self.write_json(&mut out) {
+            Ok(out)
+        } else {
+            // Only a non-finite double has no JSON; say so in the same words.
+            json::to_string(&self.to_value())
+        }
+    }
+
+    /// Append JSON text; false when a value has no JSON representation.
+    fn write_json(&self, out: &mut String) -> bool {
+        match self {
+            Val::Null => out.push_str("null"),
+            Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+            Val::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Val::UInt(u) => {
+                let _ = write!(out, "{u}");
+            }
+            Val::Double(f) => match decimal_from_f64(*f) {
+                Some(d) => {
+                    let _ = write!(out, "{d}");
+                }
+                None => return false,
+            },
+            Val::Dec(d) => {
+                let _ = write!(out, "{d}");
+            }
+            Val::Str(s) => json::string(s, out),
+            Val::List(items) => {
+                out.push('[');
+                for (n, item) in items.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    if !item.write_json(out) {
+                        return false;
+                    }
+                }
+                out.push(']');
+            }
+            Val::Map(m) => {
+                out.push('{');
+                for (n, (k, v)) in m.iter().enumerate() {
+                    if n > 0 {
+                        out.push(',');
+                    }
+                    json::string(k, out);
+                    out.push(':');
+                    if !v.write_json(out) {
+                        return false;
+                    }
+                }
+                out.push('}');
+            }
+            Val::Timestamp(t) => json::string(&t.to_rfc3339(), out),
+        }
+        true
+    }
+}
+
+impl Build for Val {
+    fn null() -> Self {
+        Val::Null
+    }
+    fn bool(b: bool) -> Self {
+        Val::Bool(b)
+    }
+    fn int(i: i64) -> Self {
+        Val::Int(i)
+    }
+    fn uint(u: u64) -> Self {
+        Val::UInt(u)
+    }
+    fn decimal(d: Decimal) -> Self {
+        Val::Dec(d)
+    }
+    fn string(s: Cow<'_, str>) -> Self {
+        Val::Str(Arc::from(&*s))
+    }
+    fn list(items: Vec<Self>) -> Self {
+        Val::List(Arc::new(items))
+    }
+    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self {
+        Val::Map(Arc::new(ValMap::from_entries(
+            entries
+                .into_iter()
+                .map(|(k, v)| (Arc::from(&*k), v))
+                .collect(),
+        )))
+    }
+}
