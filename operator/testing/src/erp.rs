@@ -400,6 +400,8 @@ enum FaultKind {
 
 struct Fault {
     prefix: String,
+    /// Only requests of this method (any method when `None`).
+    method: Option<String>,
     remaining: usize,
     kind: FaultKind,
 }
@@ -664,10 +666,48 @@ impl SimErp {
         self.push_fault(path_prefix, n, FaultKind::RateLimit(retry_after_secs));
     }
 
+    /// [`SimErp::fail_next`] for requests of one method only (e.g. the
+    /// `POST` under a prefix that also serves `GET` lookups); requests of
+    /// other methods pass the fault by.
+    pub fn fail_next_on(&self, method: &str, path_prefix: &str, n: usize, status: u16) {
+        self.push_method_fault(method, path_prefix, n, FaultKind::Fail(status_code(status)));
+    }
+
+    /// [`SimErp::fail_next_after_commit`] for requests of one method only:
+    /// `fail_next_after_commit_on("POST", "/credit-notes", 1, 503)` books the
+    /// credit note and loses the answer, while the `GET
+    /// /credit-notes/by-reference/…` lookups around it are answered as usual.
+    pub fn fail_next_after_commit_on(
+        &self,
+        method: &str,
+        path_prefix: &str,
+        n: usize,
+        status: u16,
+    ) {
+        self.push_method_fault(
+            method,
+            path_prefix,
+            n,
+            FaultKind::FailAfter(status_code(status)),
+        );
+    }
+
     fn push_fault(&self, prefix: &str, n: usize, kind: FaultKind) {
         if n > 0 {
             self.state().faults.push(Fault {
                 prefix: prefix.to_owned(),
+                method: None,
+                remaining: n,
+                kind,
+            });
+        }
+    }
+
+    fn push_method_fault(&self, method: &str, prefix: &str, n: usize, kind: FaultKind) {
+        if n > 0 {
+            self.state().faults.push(Fault {
+                prefix: prefix.to_owned(),
+                method: Some(method.to_ascii_uppercase()),
                 remaining: n,
                 kind,
             });
@@ -813,7 +853,13 @@ async fn gate(State(state): State<Shared>, request: Request, next: Next) -> Resp
         let fault = s
             .faults
             .iter_mut()
-            .find(|f| f.remaining > 0 && path.starts_with(f.prefix.as_str()))
+            .find(|f| {
+                f.remaining > 0
+                    && path.starts_with(f.prefix.as_str())
+                    && f.method
+                        .as_deref()
+                        .is_none_or(|m| m.eq_ignore_ascii_case(parts.method.as_str()))
+            })
             .map(|f| {
                 f.remaining -= 1;
                 f.kind
@@ -1394,6 +1440,36 @@ impl WebhookSender {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_method_fault_passes_other_methods_by() {
+        let erp = SimErp::start().await;
+        erp.fail_next_after_commit_on("post", "/credit-notes", 1, 503);
+        let lookup = erp.url("/credit-notes/by-reference/rma-1");
+        let r = send("GET", &lookup, &[], Vec::new()).await.unwrap();
+        assert_eq!(r.status, 404, "the GET does not consume the POST's fault");
+        let body = r#"{"externalReference":"rma-1","totalAmount":39.80}"#;
+        let r = send("POST", &erp.url("/credit-notes"), &[], body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 503, "booked, the answer lost");
+        assert_eq!(erp.credit_notes().len(), 1);
+        let r = send("GET", &lookup, &[], Vec::new()).await.unwrap();
+        assert_eq!(r.status, 200);
+        let r = send("POST", &erp.url("/credit-notes"), &[], body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201, "the fault was used up");
+
+        erp.fail_next_on("GET", "/credit-notes", 1, 502);
+        let r = send("POST", &erp.url("/credit-notes"), &[], body)
+            .await
+            .unwrap();
+        assert_eq!(r.status, 201);
+        let r = send("GET", &lookup, &[], Vec::new()).await.unwrap();
+        assert_eq!(r.status, 502);
+        assert_eq!(erp.credit_notes().len(), 3);
+    }
 
     #[test]
     fn json_number_grammar() {

@@ -5,8 +5,10 @@
 //! - [`erp`]: a simulated ERP (orders, invoices, credit notes, postings,
 //!   payment approvals) over real HTTP with failure injection, and the
 //!   signing webhook senders of the WMS and shop side.
+//! - [`kubeapi`]: a fake Kubernetes API server for the real `kube::Client`.
 
 pub mod erp;
+pub mod kubeapi;
 pub mod nats;
 pub mod orders;
 pub mod procstat;
