@@ -32,6 +32,15 @@ impl RestCaller {
             let Some(rest) = &spec.rest else { continue };
             let mut rest = rest.clone();
             if let Some(url) = base_urls.get(name) {
+                // The local system stands in for the whole external one:
+                // its OAuth2 token endpoint too, at the same path.
+                if let Some(oauth) = rest
+                    .auth
+                    .as_mut()
+                    .and_then(|a| a.oauth2_client_credentials.as_mut())
+                {
+                    oauth.token_url = redirect(&oauth.token_url, url);
+                }
                 rest.base_url = url.clone();
             }
             let client = RestClient::new(name, &rest, secrets)
@@ -40,6 +49,15 @@ impl RestCaller {
         }
         Ok(Self { clients })
     }
+}
+
+/// `url`'s path and query on `origin`'s scheme, host and port (and path
+/// prefix): `redirect("https://login.example.com/oauth2/token",
+/// "http://127.0.0.1:8090")` is `http://127.0.0.1:8090/oauth2/token`.
+fn redirect(url: &str, origin: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let path = rest.find('/').map_or("", |i| &rest[i..]);
+    format!("{}{path}", origin.trim_end_matches('/'))
 }
 
 impl RestCaller {
@@ -147,5 +165,32 @@ fn result(r: Result<tallyman_connectors::rest::Response, CallError>) -> CallResu
             status: None,
             attempts: 0,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redirect;
+
+    #[test]
+    fn a_redirected_connector_takes_its_token_endpoint_along() {
+        assert_eq!(
+            redirect(
+                "https://login.payments.example.com/oauth2/token",
+                "http://127.0.0.1:8090"
+            ),
+            "http://127.0.0.1:8090/oauth2/token"
+        );
+        assert_eq!(
+            redirect(
+                "https://idp.example.com/realms/x/token?aud=pay",
+                "http://127.0.0.1:9/sim/"
+            ),
+            "http://127.0.0.1:9/sim/realms/x/token?aud=pay"
+        );
+        assert_eq!(
+            redirect("https://idp.example.com", "http://127.0.0.1:9"),
+            "http://127.0.0.1:9"
+        );
     }
 }

@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod calls;
 pub mod cases;
+pub mod counts;
 pub mod gateway;
 pub mod names;
 mod runtime;
@@ -21,7 +22,7 @@ pub mod setup;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use runtime::{ACK_WAIT, Stats, Worker, WorkerConfig};
+pub use runtime::{ACK_WAIT, CaseBackend, Stats, Tally, Worker, WorkerConfig};
 pub use tallyman_core::engine::{CallPlan, CallResult};
 
 /// Errors of the runtime, by the step that failed.

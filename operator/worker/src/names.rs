@@ -10,6 +10,7 @@
 //! | instances | KV `tallyman_<ns>_<workflow>` |
 //! | cases | KV `tallyman_<ns>_cases` |
 //! | definitions | KV `tallyman_<ns>_definitions`, key `<workflow>.<revision>` |
+//! | instance counters | KV `tallyman_<ns>_counts`, key `<workflow>` |
 //! | consumers | `wf-<workflow>` on events, `timers-<workflow>` on timers |
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +80,10 @@ impl Names {
     }
     pub fn cases_bucket(&self) -> String {
         format!("tallyman_{}_cases", self.namespace)
+    }
+    /// Instance counters of every workflow of the namespace, key `<workflow>`.
+    pub fn counts_bucket(&self) -> String {
+        format!("tallyman_{}_counts", self.namespace)
     }
     pub fn definitions_bucket(&self) -> String {
         format!("tallyman_{}_definitions", self.namespace)

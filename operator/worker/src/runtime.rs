@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
     CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+    Status as InstanceStatus,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -23,7 +24,8 @@ use tallyman_telemetry::{
 use tokio::sync::{Semaphore, watch};
 use tracing::{Instrument, debug, info, warn};
 
-use crate::cases::{KvCases, decode};
+use crate::cases::{CaseRecord, CaseStore, KubeCases, KvCases};
+use crate::counts::{self, Counts};
 use crate::names::{Names, kv_key};
 use crate::setup::{self, Handles};
 use crate::{Caller, Error};
@@ -40,6 +42,18 @@ pub struct WorkerConfig {
     /// How long the broker waits for an ack before it redelivers a message
     /// to another replica (calls that retry keep their message alive).
     pub ack_wait: Duration,
+    /// Where exception cases live.
+    pub cases: CaseBackend,
+}
+
+/// Where a worker keeps its exception cases.
+#[derive(Clone, Default)]
+pub enum CaseBackend {
+    /// A JetStream KV bucket per namespace (dev mode, no cluster).
+    #[default]
+    JetStream,
+    /// `ExceptionCase`s in the cluster, decided with `kubectl tallyman`.
+    Kubernetes(kube::Client),
 }
 
 /// The default ack wait.
@@ -66,6 +80,16 @@ impl Stats {
     }
 }
 
+/// Instances by state and cases opened, as stored ([`Worker::tally`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Tally {
+    pub running: u64,
+    pub completed: u64,
+    pub rejected: u64,
+    pub failed: u64,
+    pub exceptions: u64,
+}
+
 /// One Workflow's runtime.
 pub struct Worker {
     names: Names,
@@ -74,7 +98,7 @@ pub struct Worker {
     current: Arc<Compiled>,
     revisions: Mutex<HashMap<String, Arc<Compiled>>>,
     handles: Handles,
-    cases: KvCases,
+    cases: Arc<dyn CaseStore>,
     caller: Arc<dyn Caller>,
     /// The last stored revision and state of recently seen instances, so a
     /// write needs no read unless another replica wrote in between.
@@ -84,6 +108,10 @@ pub struct Worker {
     /// racing into a compare-and-set conflict (and repeating their calls).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_in_flight: usize,
+    /// What of `stats` is already added to the shared counters.
+    flushed: tokio::sync::Mutex<Counts>,
+    /// In a cluster: the Workflow whose `status.instances` the counters go to.
+    workflows: Option<kube::Api<tallyman_api::v1alpha1::Workflow>>,
     pub stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     labels: WorkflowLabels,
@@ -116,6 +144,10 @@ struct TimerMsg {
 }
 
 const CACHE_LIMIT: usize = 200_000;
+/// How often a replica adds its counts to the shared counters.
+const COUNTS_FLUSH: Duration = Duration::from_secs(1);
+/// How often, at most, the Workflow's `status.instances` is written.
+const COUNTS_PUBLISH: Duration = Duration::from_secs(5);
 const CAS_ATTEMPTS: usize = 32;
 
 mod sha2_free {
@@ -175,7 +207,16 @@ impl Worker {
         let current = Arc::new(compiled);
         let mut revisions = HashMap::new();
         revisions.insert(current.revision.clone(), current.clone());
-        let cases = KvCases::new(handles.cases.clone(), &names.namespace);
+        let (cases, workflows): (Arc<dyn CaseStore>, _) = match config.cases {
+            CaseBackend::JetStream => (
+                Arc::new(KvCases::new(handles.cases.clone(), &names.namespace)),
+                None,
+            ),
+            CaseBackend::Kubernetes(client) => (
+                Arc::new(KubeCases::new(client.clone(), &names.namespace)),
+                Some(kube::Api::namespaced(client, &names.namespace)),
+            ),
+        };
         Ok(Arc::new(Self {
             names,
             js,
@@ -188,6 +229,8 @@ impl Worker {
             cache: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
+            flushed: tokio::sync::Mutex::new(Counts::default()),
+            workflows,
             stats: Arc::new(Stats::default()),
             labels: WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow),
             metrics: config.metrics,
@@ -198,7 +241,12 @@ impl Worker {
         &self.current.revision
     }
 
-    pub fn cases(&self) -> &KvCases {
+    /// The workflow's namespace and name, and the NATS names derived from them.
+    pub fn names(&self) -> &Names {
+        &self.names
+    }
+
+    pub fn cases(&self) -> &Arc<dyn CaseStore> {
         &self.cases
     }
 
@@ -213,13 +261,24 @@ impl Worker {
         let timers = tokio::spawn(self.clone().consume_timers(shutdown.clone()));
         let cases = tokio::spawn(self.clone().watch_cases(shutdown.clone()));
         let lag = tokio::spawn(self.clone().watch_lag(shutdown.clone()));
-        let results = [events.await, timers.await, cases.await, lag.await];
+        let counts = tokio::spawn(self.clone().keep_counts(shutdown.clone()));
+        let results = [
+            events.await,
+            timers.await,
+            cases.await,
+            lag.await,
+            counts.await,
+        ];
         for r in results {
             match r {
                 Ok(Err(e)) => return Err(e),
                 Err(e) => return Err(Error::Store(format!("a worker task panicked: {e}"))),
                 Ok(Ok(())) => {}
             }
+        }
+        // The messages in flight are done: count them too.
+        if let Err(e) = self.flush_counts().await {
+            warn!(error = %e, "failed to store the last instance counts");
         }
         info!(workflow = %self.names.workflow, "worker stopped");
         Ok(())
@@ -265,6 +324,74 @@ impl Worker {
     }
 
     /// Consumer lag for `tallyman_worker_consumer_pending`.
+    /// Add what this process counted since the last flush to the shared
+    /// counters; the new totals, or `None` when there was nothing to add.
+    async fn flush_counts(&self) -> Result<Option<Counts>, Error> {
+        let mut flushed = self.flushed.lock().await;
+        let now = Counts::of(&self.stats);
+        let delta = now.since(&flushed);
+        if delta.is_zero() {
+            return Ok(None);
+        }
+        let total = counts::add(&self.handles.counts, &self.names.workflow, &delta).await?;
+        *flushed = now;
+        Ok(Some(total))
+    }
+
+    /// The shared counters, kept current; in a cluster also the Workflow's
+    /// `status.instances` (at most every few seconds, when it changed).
+    async fn keep_counts(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), Error> {
+        let mut published: Option<Counts> = None;
+        let mut last = std::time::Instant::now() - COUNTS_PUBLISH;
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return Ok(()),
+                _ = tokio::time::sleep(COUNTS_FLUSH) => {}
+            }
+            if let Err(e) = self.flush_counts().await {
+                warn!(error = %e, "failed to store instance counts; trying again");
+                continue;
+            }
+            let Some(api) = &self.workflows else { continue };
+            if last.elapsed() < COUNTS_PUBLISH {
+                continue;
+            }
+            // Other replicas add to the totals too: read them.
+            let total = match counts::read(&self.handles.counts, &self.names.workflow).await {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(error = %e, "failed to read instance counts");
+                    continue;
+                }
+            };
+            if published == Some(total) {
+                continue;
+            }
+            let patch = serde_json::json!({"status": {"instances": {
+                "running": total.running(),
+                "completed": total.completed,
+                "rejected": total.rejected,
+                "failed": total.failed,
+                "exceptions": total.exceptions,
+            }}});
+            last = std::time::Instant::now();
+            match api
+                .patch_status(
+                    &self.names.workflow,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => published = Some(total),
+                Err(e) => warn!(error = %e, "failed to write the Workflow's status.instances"),
+            }
+        }
+    }
+
     async fn watch_lag(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
         let mut consumer = self.handles.events.clone();
         loop {
@@ -450,7 +577,7 @@ impl Worker {
                 },
             };
             if let Input::Event(ev) = &input
-                && inst.has_applied(&ev.id)
+                && inst.has_applied(&ev.dedup_key())
             {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
                 self.metrics
@@ -469,7 +596,14 @@ impl Worker {
             // The lookup guarding the call about to be made, and the
             // attempts of that call so far: every retry looks up first.
             let mut guard: Option<(CallPlan, u32)> = None;
+            // Call steps' execution time: their calls, retries and lookups.
+            let mut call_steps: Vec<(String, Duration)> = Vec::new();
             loop {
+                let step_started = std::time::Instant::now();
+                let calling = match &next {
+                    Next::Call(plan) | Next::Lookup(plan) => Some(plan.step.clone()),
+                    Next::Idle => None,
+                };
                 let heartbeat = {
                     let msg = msg.clone();
                     move || {
@@ -528,7 +662,15 @@ impl Worker {
                         machine.apply(&mut inst, Input::LookupDone(result))
                     }
                 };
+                if let Some(step) = calling {
+                    let spent = step_started.elapsed();
+                    match call_steps.iter_mut().find(|(s, _)| *s == step) {
+                        Some((_, total)) => *total += spent,
+                        None => call_steps.push((step, spent)),
+                    }
+                }
             }
+            self.observe_steps(machine.take_step_timings(), call_steps);
             let bytes =
                 Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
             let written = match revision {
@@ -673,7 +815,16 @@ impl Worker {
                         })
                         .inc();
                 }
-                Outbound::DeadLetter { step, .. } => {
+                Outbound::DeadLetter { step, reason, .. } => {
+                    // Visible failures: the operator reads the log before
+                    // the dead-letter stream.
+                    warn!(
+                        workflow = %self.labels.workflow,
+                        key = %inst.key,
+                        step = %step,
+                        reason = %reason,
+                        "dead-lettered: the step gave up"
+                    );
                     self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
                     w.dead_letters
                         .get_or_create(&StepLabels {
@@ -688,6 +839,26 @@ impl Worker {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// `step_duration` for the steps one input executed.
+    fn observe_steps(&self, machine: Vec<(&str, Duration)>, calls: Vec<(String, Duration)>) {
+        let family = &self.metrics.worker.step_duration;
+        let observe = |step: &str, d: Duration| {
+            family
+                .get_or_create(&StepLabels {
+                    namespace: self.labels.namespace.clone(),
+                    workflow: self.labels.workflow.clone(),
+                    step: step.to_string(),
+                })
+                .observe(d.as_secs_f64());
+        };
+        for (step, d) in machine {
+            observe(step, d);
+        }
+        for (step, d) in calls {
+            observe(&step, d);
         }
     }
 
@@ -941,7 +1112,7 @@ impl Worker {
     }
 
     /// Give a decided case's outcome to its instance.
-    async fn resume(&self, record: &crate::cases::CaseRecord) -> Result<(), Error> {
+    async fn resume(&self, record: &CaseRecord) -> Result<(), Error> {
         if record.spec.workflow != self.names.workflow || record.resumed || !record.is_final() {
             return Ok(());
         }
@@ -967,25 +1138,13 @@ impl Worker {
         self: Arc<Self>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), Error> {
-        let mut watch = self
-            .cases
-            .store
-            .watch_with_history(">")
-            .await
-            .map_err(|e| Error::Setup(format!("failed to watch cases: {e}")))?;
+        let mut watch = self.cases.watch().await?;
         loop {
-            let entry = tokio::select! {
+            let record = tokio::select! {
                 _ = shutdown.changed() => break,
-                e = watch.next() => e,
+                r = watch.next() => r,
             };
-            let Some(entry) = entry else { break };
-            let Ok(entry) = entry else { continue };
-            if entry.operation != kv::Operation::Put {
-                continue;
-            }
-            let Ok(record) = decode(&entry.value) else {
-                continue;
-            };
+            let Some(record) = record else { break };
             if record.is_final() && !record.resumed && record.spec.workflow == self.names.workflow {
                 let this = self.clone();
                 tokio::spawn(async move {
@@ -996,6 +1155,52 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// How many stored instances of this workflow are in each state, and
+    /// how many cases it opened: read from the stores, so the numbers are
+    /// the same on every replica and after a restart (dev mode's
+    /// `/dev/status`). A scan of every key: for status pages, not hot paths.
+    pub async fn tally(&self) -> Result<Tally, Error> {
+        #[derive(Deserialize)]
+        struct Head {
+            status: InstanceStatus,
+        }
+        let mut tally = Tally::default();
+        let mut keys = self
+            .handles
+            .instances
+            .keys()
+            .await
+            .map_err(|e| Error::Store(format!("failed to list instances: {e}")))?;
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| Error::Store(format!("failed to list instances: {e}")))?;
+            let Some(bytes) = self
+                .handles
+                .instances
+                .get(&key)
+                .await
+                .map_err(|e| Error::Store(format!("failed to read instance {key}: {e}")))?
+            else {
+                continue;
+            };
+            let head: Head = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::Store(format!("instance {key} is not readable: {e}")))?;
+            match head.status {
+                InstanceStatus::Running => tally.running += 1,
+                InstanceStatus::Completed => tally.completed += 1,
+                InstanceStatus::Rejected => tally.rejected += 1,
+                InstanceStatus::Failed => tally.failed += 1,
+            }
+        }
+        tally.exceptions = self
+            .cases
+            .list()
+            .await?
+            .iter()
+            .filter(|c| c.spec.workflow == self.names.workflow)
+            .count() as u64;
+        Ok(tally)
     }
 
     /// The stored state of an instance, for status pages and tests.

@@ -16,6 +16,7 @@ pub struct Handles {
     pub instances: kv::Store,
     pub cases: kv::Store,
     pub definitions: kv::Store,
+    pub counts: kv::Store,
     pub events: consumer::Consumer<consumer::pull::Config>,
     pub timers: consumer::Consumer<consumer::pull::Config>,
 }
@@ -128,6 +129,7 @@ pub async fn ensure(
         instances: ensure_kv(js, names.instances_bucket(), 1).await?,
         cases: ensure_kv(js, names.cases_bucket(), 5).await?,
         definitions: ensure_kv(js, names.definitions_bucket(), 1).await?,
+        counts: ensure_kv(js, names.counts_bucket(), 1).await?,
         events,
         timers,
     })

@@ -67,12 +67,12 @@ async fn open_variance(env: &Env, run: &Running, order: &str) -> CaseRecord {
     case
 }
 
-async fn wait_state(cases: &tallyman_worker::cases::KvCases, name: &str, state: CaseState) {
+async fn wait_state(cases: &dyn tallyman_worker::cases::CaseStore, name: &str, state: CaseState) {
     eventually(
         &format!("case {name} to become {state:?}"),
         Duration::from_secs(15),
         || async {
-            let (record, _) = cases.get(name).await.unwrap().unwrap();
+            let record = cases.get(name).await.unwrap().unwrap();
             record.status.state == state
         },
     )
@@ -154,8 +154,8 @@ async fn an_expired_approval_escalates_to_the_cfo_office() {
     let first_deadline = case.status.deadline.clone().expect("a deadline");
     let cases = run.worker.cases().clone();
 
-    wait_state(&cases, &case.name, CaseState::Escalated).await;
-    let (escalated, _) = cases.get(&case.name).await.unwrap().unwrap();
+    wait_state(cases.as_ref(), &case.name, CaseState::Escalated).await;
+    let escalated = cases.get(&case.name).await.unwrap().unwrap();
     assert!(escalated.status.escalated);
     let new_deadline = escalated.status.deadline.clone().expect("a new deadline");
     assert!(new_deadline.0 > first_deadline.0, "the deadline moved");
@@ -193,7 +193,7 @@ async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let case = open_variance(&env, &run, "4722").await;
 
-    wait_state(run.worker.cases(), &case.name, CaseState::Expired).await;
+    wait_state(run.worker.cases().as_ref(), &case.name, CaseState::Expired).await;
     wait_status(&run, "4722", Status::Rejected).await;
     assert_disputed(&env, "4722").await;
     let inst = run.worker.instance("4722").await.unwrap().unwrap();

@@ -68,6 +68,22 @@ async fn orders_become_exactly_one_invoice_each_despite_duplicates_and_disorder(
     let report = audit::verify(&records);
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.instances, n as usize);
+
+    // The shared counters hold every instance once (the last flush runs at
+    // shutdown), whichever replica counted it.
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let store = js
+        .get_key_value(format!("tallyman_{NS}_counts"))
+        .await
+        .unwrap();
+    let counts = tallyman_worker::counts::read(&store, "shipment-to-invoice")
+        .await
+        .unwrap();
+    assert_eq!((counts.started, counts.completed), (n, n));
+    assert_eq!(
+        (counts.running(), counts.failed, counts.exceptions),
+        (0, 0, 0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,58 +1,17 @@
-//! Exception cases without a cluster: one JSON record per case in a JetStream
-//! KV bucket, changed only by compare-and-set. Decisions are judged by the
-//! same policy engine as in the cluster (`tallyman_core::policy`).
+//! Cases in a JetStream KV bucket: one JSON record per case, changed only
+//! by compare-and-set. Dev mode's store, and the worker's outside a cluster.
 
 use async_nats::jetstream::kv;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
-use tallyman_api::v1alpha1::{
-    CaseDecision, CaseSegregation, CaseState, ExceptionCaseSpec, ExceptionCaseStatus,
-};
+use futures_util::stream::BoxStream;
+use tallyman_api::v1alpha1::CaseDecision;
 use tallyman_core::engine::CaseRequest;
-use tallyman_core::policy::{self, Refusal};
+use tallyman_core::policy;
 
+use super::{BoxFuture, CaseRecord, CaseStore, DecideError};
 use crate::Error;
-
-/// A case as stored: the ExceptionCase spec and status, plus what the
-/// worker needs to resume the instance.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CaseRecord {
-    pub name: String,
-    pub namespace: String,
-    pub opened: String,
-    pub spec: ExceptionCaseSpec,
-    pub status: ExceptionCaseStatus,
-    /// Whether the instance waits for this case.
-    pub blocking: bool,
-    pub escalation_window_ms: Option<u64>,
-    /// Set once the instance has taken the outcome.
-    #[serde(default)]
-    pub resumed: bool,
-}
-
-impl CaseRecord {
-    pub fn is_final(&self) -> bool {
-        !policy::is_open(&self.status)
-    }
-
-    pub fn approved(&self) -> bool {
-        self.status.state == CaseState::Approved
-    }
-}
-
-/// Why a decision did not go through.
-#[derive(Debug, thiserror::Error)]
-pub enum DecideError {
-    #[error("no case named {0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Refused(Refusal),
-    #[error(transparent)]
-    Store(#[from] Error),
-}
 
 /// The KV-backed case store of one namespace.
 #[derive(Clone)]
@@ -73,40 +32,7 @@ impl KvCases {
 
     /// Record a new case; opening the same case twice is a no-op.
     pub async fn open(&self, req: &CaseRequest, now: DateTime<Utc>) -> Result<CaseRecord, Error> {
-        let deadline = req
-            .deadline_ms
-            .and_then(DateTime::<Utc>::from_timestamp_millis)
-            .map(policy::to_time);
-        let record = CaseRecord {
-            name: req.name.clone(),
-            namespace: self.namespace.clone(),
-            opened: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            spec: ExceptionCaseSpec {
-                workflow: req.workflow.clone(),
-                key: req.key.clone(),
-                revision: req.revision.clone(),
-                reason: req.reason.clone(),
-                facts: req.facts.clone(),
-                initiator: req.initiator.clone(),
-                policy: req.policy.clone(),
-                rule: req.rule.clone(),
-                required: req.required.clone(),
-                segregation_of_duties: CaseSegregation {
-                    exclude_initiator: req.exclude_initiator,
-                    distinct_approvers: req.distinct_approvers,
-                },
-                deadline: deadline.clone(),
-                escalate_to: req.escalate_to.clone(),
-                decisions: Vec::new(),
-            },
-            status: ExceptionCaseStatus {
-                deadline,
-                ..Default::default()
-            },
-            blocking: req.blocking,
-            escalation_window_ms: req.escalation_window_ms,
-            resumed: false,
-        };
+        let record = CaseRecord::opened(req, &self.namespace, now);
         match self.store.create(&record.name, encode(&record)?).await {
             Ok(_) => Ok(record),
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(self
@@ -188,7 +114,7 @@ impl KvCases {
             .modify(name, |record| {
                 // A deadline that passed is applied before anyone decides.
                 if let Some(status) =
-                    policy::expire(&record.spec, &record.status, window(record), now)
+                    policy::expire(&record.spec, &record.status, record.window(), now)
                 {
                     record.status = status;
                 }
@@ -219,7 +145,7 @@ impl KvCases {
             .modify(name, |record| {
                 changed = false;
                 if let Some(status) =
-                    policy::expire(&record.spec, &record.status, window(record), now)
+                    policy::expire(&record.spec, &record.status, record.window(), now)
                 {
                     record.status = status;
                     changed = true;
@@ -242,18 +168,69 @@ impl KvCases {
     }
 }
 
-fn window(record: &CaseRecord) -> Option<std::time::Duration> {
-    record
-        .escalation_window_ms
-        .map(std::time::Duration::from_millis)
-}
-
 fn encode(record: &CaseRecord) -> Result<Bytes, Error> {
     serde_json::to_vec(record)
         .map(Bytes::from)
         .map_err(|e| Error::Store(format!("failed to encode case: {e}")))
 }
 
-pub(crate) fn decode(bytes: &[u8]) -> Result<CaseRecord, Error> {
+fn decode(bytes: &[u8]) -> Result<CaseRecord, Error> {
     serde_json::from_slice(bytes).map_err(|e| Error::Store(format!("failed to decode case: {e}")))
+}
+
+impl CaseStore for KvCases {
+    fn open<'a>(
+        &'a self,
+        req: &'a CaseRequest,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<CaseRecord, Error>> {
+        Box::pin(KvCases::open(self, req, now))
+    }
+
+    fn get<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<CaseRecord>, Error>> {
+        Box::pin(async move { Ok(KvCases::get(self, name).await?.map(|(r, _)| r)) })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<CaseRecord>, Error>> {
+        Box::pin(KvCases::list(self))
+    }
+
+    fn decide<'a>(
+        &'a self,
+        name: &'a str,
+        decision: CaseDecision,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<CaseRecord, DecideError>> {
+        Box::pin(KvCases::decide(self, name, decision, now))
+    }
+
+    fn expire<'a>(
+        &'a self,
+        name: &'a str,
+        now: DateTime<Utc>,
+    ) -> BoxFuture<'a, Result<Option<CaseRecord>, Error>> {
+        Box::pin(KvCases::expire(self, name, now))
+    }
+
+    fn mark_resumed<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), Error>> {
+        Box::pin(KvCases::mark_resumed(self, name))
+    }
+
+    fn watch(&self) -> BoxFuture<'_, Result<BoxStream<'static, CaseRecord>, Error>> {
+        Box::pin(async move {
+            let watch = self
+                .store
+                .watch_with_history(">")
+                .await
+                .map_err(|e| Error::Setup(format!("failed to watch cases: {e}")))?;
+            let records = watch.filter_map(|entry| async move {
+                let entry = entry.ok()?;
+                if entry.operation != kv::Operation::Put {
+                    return None;
+                }
+                decode(&entry.value).ok()
+            });
+            Ok(records.boxed())
+        })
+    }
 }

@@ -64,6 +64,24 @@ pub async fn connect(url: &str) -> async_nats::Client {
 }
 
 pub async fn start(nats: &str, def: &Definition, secrets: &StaticSecrets, erp: &str) -> Running {
+    start_with(
+        nats,
+        def,
+        secrets,
+        erp,
+        tallyman_worker::CaseBackend::JetStream,
+    )
+    .await
+}
+
+/// [`start`] with the cases kept in `cases`.
+pub async fn start_with(
+    nats: &str,
+    def: &Definition,
+    secrets: &StaticSecrets,
+    erp: &str,
+    cases: tallyman_worker::CaseBackend,
+) -> Running {
     let urls: BTreeMap<String, String> = def
         .connectors
         .keys()
@@ -77,6 +95,7 @@ pub async fn start(nats: &str, def: &Definition, secrets: &StaticSecrets, erp: &
         max_in_flight: 64,
         metrics: Arc::new(tallyman_telemetry::Metrics::new()),
         ack_wait: tallyman_worker::ACK_WAIT,
+        cases,
     })
     .await
     .expect("worker starts");

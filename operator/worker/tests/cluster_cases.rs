@@ -1,0 +1,184 @@
+//! A worker whose cases are ExceptionCases: the real worker on a real
+//! nats-server, the real `kube::Client` against the fake API server (with
+//! watches), decisions appended the way `kubectl tallyman approve` does.
+
+mod support;
+
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use support::*;
+use tallyman_api::v1alpha1::{CaseState, ExceptionCase};
+use tallyman_testing::erp::SimErp;
+use tallyman_testing::kubeapi::{FakeApi, Key};
+use tallyman_testing::nats::NatsServer;
+use tallyman_worker::CaseBackend;
+
+const NS: &str = "finance";
+
+/// Append one decision under a test of the decisions seen, as the plugin does.
+async fn append(cases: &Api<ExceptionCase>, name: &str, decision: serde_json::Value) {
+    let seen = cases.get(name).await.unwrap().spec.decisions;
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": "/spec/decisions", "value": seen},
+        {"op": "add", "path": "/spec/decisions/-", "value": decision},
+    ]))
+    .unwrap();
+    cases
+        .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
+        .await
+        .unwrap();
+}
+
+async fn eventually_case(
+    cases: &Api<ExceptionCase>,
+    what: &str,
+    mut cond: impl FnMut(&ExceptionCase) -> bool,
+) -> ExceptionCase {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(c) = cases
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+            && cond(&c)
+        {
+            return c;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_decided_in_the_cluster_resumes_its_instance() {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let kube = FakeApi::start().await;
+    let (def, secrets) = example("shipment-to-invoice");
+    let run = start_with(
+        &nats.url(),
+        &def,
+        &secrets,
+        &erp.base_url(),
+        CaseBackend::Kubernetes(kube.client()),
+    )
+    .await;
+    let cases: Api<ExceptionCase> = Api::namespaced(kube.client(), NS);
+    // The Workflow whose status.instances the worker keeps.
+    kube.seed(
+        Key::new(
+            "tallyman.dev/v1alpha1",
+            "workflows",
+            NS,
+            "shipment-to-invoice",
+        ),
+        json!({"apiVersion": "tallyman.dev/v1alpha1", "kind": "Workflow",
+               "metadata": {"name": "shipment-to-invoice", "namespace": NS},
+               "spec": {}}),
+    );
+
+    // 5 of 9 × 250.00 shipped: a 1000.00 variance for one controller.
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    seed_order(&erp, "4800", 9, "250.00");
+    publish(&js, NS, "order.created", "o-4800", &order_data("4800")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-4800",
+        &shipment_data("4800", 5),
+    )
+    .await;
+
+    let case = eventually_case(&cases, "the ExceptionCase", |c| {
+        c.status.as_ref().is_some_and(|s| s.deadline.is_some())
+    })
+    .await;
+    let name = case.metadata.name.clone().unwrap();
+    assert_eq!(case.spec.key, "4800");
+    assert_eq!(case.spec.reason, "QuantityMismatch");
+    assert_eq!(case.spec.initiator, "wms-operator-17");
+    assert_eq!(case.status.as_ref().unwrap().state, CaseState::Open);
+    assert_eq!(
+        erp.invoice_count(),
+        0,
+        "nothing is invoiced before a decision"
+    );
+
+    // The initiator's own approval, as if no admission policy stopped it:
+    // it does not count, and the status says why.
+    append(
+        &cases,
+        &name,
+        json!({"approver": "wms-operator-17", "groups": ["finance-controllers"], "decision": "Approve"}),
+    )
+    .await;
+    let ignored = eventually_case(&cases, "the ignored decision noted", |c| {
+        c.status
+            .as_ref()
+            .and_then(|s| s.message.as_deref())
+            .is_some_and(|m| m.contains("not counted"))
+    })
+    .await;
+    assert_eq!(ignored.status.as_ref().unwrap().state, CaseState::Open);
+    assert_eq!(erp.invoice_count(), 0);
+
+    append(
+        &cases,
+        &name,
+        json!({"approver": "alice", "groups": ["finance-controllers"], "decision": "Approve", "comment": "short-shipped, agreed"}),
+    )
+    .await;
+    let decided = eventually_case(&cases, "the case approved and taken", |c| {
+        c.status.as_ref().is_some_and(|s| {
+            s.state == CaseState::Approved
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Resumed" && c.status == "True")
+        })
+    })
+    .await;
+    let status = decided.status.unwrap();
+    assert_eq!(status.approvals, 1);
+    assert!(status.resolved_at.is_some());
+
+    wait_for("the invoice", Duration::from_secs(20), || {
+        erp.invoice_count() == 1
+    })
+    .await;
+    let instance = run.worker.instance("4800").await.unwrap().unwrap();
+    assert_eq!(instance.status, tallyman_core::engine::Status::Completed);
+
+    // kubectl get workflow shows what happened.
+    let start = std::time::Instant::now();
+    loop {
+        let wf = kube
+            .object(&Key::new(
+                "tallyman.dev/v1alpha1",
+                "workflows",
+                NS,
+                "shipment-to-invoice",
+            ))
+            .unwrap();
+        if wf["status"]["instances"]
+            == json!({"running": 0, "completed": 1, "rejected": 0, "failed": 0, "exceptions": 1})
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "status.instances never showed the completed instance: {}",
+            wf["status"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run.shutdown().await;
+}
