@@ -1,0 +1,99 @@
+//! The errors of every reconciler, one variant per pipeline step. An invalid
+//! spec is not an error: it is a status (`Ready=False, reason=InvalidSpec`)
+//! and the reconcile succeeds, waiting for the next change.
+
+/// Why a reconcile failed; each is retried with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("failed to read {what}")]
+    Read {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to apply {what}")]
+    Apply {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to delete {what}")]
+    Delete {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to update the status of {what}")]
+    Status {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to update the finalizer of {what}")]
+    Finalizer {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("failed to ensure the JetStream objects of {what}: {message}")]
+    JetStream { what: String, message: String },
+    #[error("failed to remove the JetStream objects of {what}: {message}")]
+    Cleanup { what: String, message: String },
+    #[error("failed to encode {what}")]
+    Encode {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("object without {0}")]
+    Incomplete(&'static str),
+}
+
+impl Error {
+    /// A bounded label for `tallyman_operator_reconcile_errors_total` and the
+    /// reason of the Warning Event. A 409 from the API server is its own
+    /// label: it means someone else wrote first and the retry will read again.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Read { source, .. }
+            | Error::Apply { source, .. }
+            | Error::Delete { source, .. }
+            | Error::Status { source, .. }
+            | Error::Finalizer { source, .. }
+                if is_conflict(source) =>
+            {
+                "Conflict"
+            }
+            Error::Read { .. } => "ReadFailed",
+            Error::Apply { .. } => "ApplyFailed",
+            Error::Delete { .. } => "DeleteFailed",
+            Error::Status { .. } => "StatusFailed",
+            Error::Finalizer { .. } => "FinalizerFailed",
+            Error::JetStream { .. } => "JetStreamFailed",
+            Error::Cleanup { .. } => "CleanupFailed",
+            Error::Encode { .. } => "EncodeFailed",
+            Error::Incomplete(_) => "IncompleteObject",
+        }
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// Whether the API server answered 404.
+pub fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+/// Flatten the finalizer helper's error into ours: the reconcile's own
+/// error passes through, so its label stays precise.
+pub fn from_finalizer(what: String, e: kube::runtime::finalizer::Error<Error>) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    match e {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        F::AddFinalizer(source) | F::RemoveFinalizer(source) => Error::Finalizer { what, source },
+        F::UnnamedObject => Error::Incomplete("metadata.name"),
+        F::InvalidFinalizer => Error::Incomplete("a valid finalizer name"),
+    }
+}

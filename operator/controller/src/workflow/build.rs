@@ -1,0 +1,474 @@
+//! The desired children of a valid Workflow. Pure: the Workflow, its
+//! resolved definition and the settings in, objects out.
+//!
+//! ```text
+//! Workflow ──owns──▶ ConfigMap <wf>-definition   definition.json (resolved; Secrets by reference)
+//!          ──owns──▶ ServiceAccount/Role/RoleBinding <wf>-worker   ExceptionCases, Events
+//!          ──owns──▶ Deployment <wf>-worker   pod template annotated with the revision
+//!          ──owns──▶ PodDisruptionBudget <wf>-worker
+//! ```
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, EmptyDirVolumeSource, PodSpec, PodTemplateSpec,
+    ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use tallyman_api::v1alpha1::Workflow;
+use tallyman_core::engine::Definition;
+
+use crate::context::Settings;
+use crate::error::Error;
+use crate::meta::{self, REVISION_ANNOTATION, SECRETS_HASH_ANNOTATION, WORKFLOW_LABEL};
+use crate::pods;
+
+/// Where the definition is mounted in a worker.
+pub const DEFINITION_DIR: &str = "/etc/tallyman";
+/// The ConfigMap key, and file name, of the definition.
+pub const DEFINITION_KEY: &str = "definition.json";
+
+/// The name of the Deployment, ServiceAccount, Role, RoleBinding and PDB.
+pub fn worker_name(workflow: &str) -> String {
+    format!("{workflow}-worker")
+}
+
+/// The name of the ConfigMap holding the definition.
+pub fn definition_name(workflow: &str) -> String {
+    format!("{workflow}-definition")
+}
+
+/// Everything a Workflow owns.
+#[derive(Clone, Debug)]
+pub struct Children {
+    pub config_map: ConfigMap,
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    pub deployment: Deployment,
+    pub pdb: PodDisruptionBudget,
+}
+
+fn metadata(wf: &Workflow, name: String) -> Result<ObjectMeta, Error> {
+    let owner = wf
+        .controller_owner_ref(&())
+        .ok_or(Error::Incomplete("metadata.uid"))?;
+    let mut labels = meta::labels("worker", &wf.name_any());
+    labels.insert(WORKFLOW_LABEL.into(), wf.name_any());
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: wf.namespace(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    })
+}
+
+/// The children of `wf`, running `def`; `secrets_hash` is
+/// [`pods::secrets_hash`] of the Secrets its Connectors use.
+pub fn build(
+    wf: &Workflow,
+    def: &Definition,
+    settings: &Settings,
+    secrets_hash: &str,
+) -> Result<Children, Error> {
+    let name = wf.name_any();
+    let worker = worker_name(&name);
+    let revision = def.revision();
+    let json = serde_json::to_string_pretty(def).map_err(|source| Error::Encode {
+        what: format!("the definition of Workflow {name}"),
+        source,
+    })?;
+    let config_map = ConfigMap {
+        metadata: metadata(wf, definition_name(&name))?,
+        data: Some(BTreeMap::from([(DEFINITION_KEY.to_string(), json)])),
+        ..Default::default()
+    };
+
+    let service_account = ServiceAccount {
+        metadata: metadata(wf, worker.clone())?,
+        ..Default::default()
+    };
+    let rule = |groups: &[&str], resources: &[&str], verbs: &[&str]| PolicyRule {
+        api_groups: Some(groups.iter().map(|s| s.to_string()).collect()),
+        resources: Some(resources.iter().map(|s| s.to_string()).collect()),
+        verbs: verbs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    // Only what a worker does in the cluster: open and follow ExceptionCases,
+    // record outcomes in their status, and report Events.
+    let role = Role {
+        metadata: metadata(wf, worker.clone())?,
+        rules: Some(vec![
+            rule(
+                &[tallyman_api::GROUP],
+                &["exceptioncases"],
+                &["get", "list", "watch", "create"],
+            ),
+            rule(
+                &[tallyman_api::GROUP],
+                &["exceptioncases/status"],
+                &["update", "patch"],
+            ),
+            rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
+            // status.instances: the workers' counters, on their own Workflow only.
+            PolicyRule {
+                resource_names: Some(vec![wf.name_any()]),
+                ..rule(&[tallyman_api::GROUP], &["workflows/status"], &["patch"])
+            },
+        ]),
+    };
+    let role_binding = RoleBinding {
+        metadata: metadata(wf, worker.clone())?,
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: worker.clone(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: worker.clone(),
+            namespace: wf.namespace(),
+            ..Default::default()
+        }]),
+    };
+
+    let selector = meta::selector("worker", &name);
+    let secrets = pods::secret_names(def.connectors.values());
+    let (mut volumes, mut mounts) = pods::secret_volumes(&secrets);
+    volumes.push(Volume {
+        name: "definition".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: definition_name(&name),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "definition".into(),
+        mount_path: DEFINITION_DIR.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    // The root filesystem is read-only; some libraries still want a /tmp.
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    });
+    let mut container = pods::container(
+        "worker",
+        &settings.image,
+        vec![
+            "worker".into(),
+            "--definition".into(),
+            format!("{DEFINITION_DIR}/{DEFINITION_KEY}"),
+            "--secrets-dir".into(),
+            pods::SECRETS_DIR.into(),
+            // Cases become ExceptionCases, decided with `kubectl tallyman`.
+            "--cases".into(),
+            "kubernetes".into(),
+        ],
+        &settings.nats_url,
+    );
+    container.resources = wf.spec.workers.resources.clone();
+    container.volume_mounts = Some(mounts);
+    let mut pod_labels = meta::labels("worker", &name);
+    pod_labels.insert(WORKFLOW_LABEL.into(), name.clone());
+    let mut annotations = pods::scrape_annotations();
+    annotations.insert(REVISION_ANNOTATION.into(), revision);
+    annotations.insert(SECRETS_HASH_ANNOTATION.into(), secrets_hash.into());
+    let deployment = Deployment {
+        metadata: metadata(wf, worker.clone())?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(wf.spec.workers.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(annotations),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(worker.clone()),
+                    security_context: Some(pods::pod_security()),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    // Long enough for the worker to finish its messages in flight.
+                    termination_grace_period_seconds: Some(60),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Any replica can advance any instance, so one pod at a time may go.
+    let pdb = PodDisruptionBudget {
+        metadata: metadata(wf, worker)?,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Children {
+        config_map,
+        service_account,
+        role,
+        role_binding,
+        deployment,
+        pdb,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+    use crate::workflow::validate::validate;
+
+    fn settings() -> Settings {
+        Settings {
+            image: "ghcr.io/tallyman-dev/tallyman:test".into(),
+            nats_url: "nats://nats:4222".into(),
+        }
+    }
+
+    fn built(example: &str) -> (Workflow, Definition, Children) {
+        let set = fixtures::example(example);
+        let mut wf = set.workflows[0].clone();
+        wf.metadata.uid = Some("uid-1".into());
+        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
+        let children = build(&wf, &def, &settings(), "h0").unwrap();
+        (wf, def, children)
+    }
+
+    #[test]
+    fn the_config_map_holds_the_definition_the_worker_reads() {
+        let (_, def, c) = built("shipment-to-invoice");
+        let json = &c.config_map.data.as_ref().unwrap()[DEFINITION_KEY];
+        let read: Definition = serde_json::from_str(json).unwrap();
+        assert_eq!(read, def);
+        // Secrets stay references: no value of the example's Secrets is copied.
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../examples/shipment-to-invoice/secrets.yaml");
+        let secrets = tallyman_core::manifest::load(&[dir]);
+        let mut values = 0;
+        for doc in &secrets.documents {
+            for v in doc.value["stringData"]
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                let v = v.as_str().unwrap();
+                values += 1;
+                assert!(!json.contains(v), "a Secret's value was copied");
+            }
+        }
+        assert!(values > 0);
+        assert!(json.contains("secretRef"));
+    }
+
+    #[test]
+    fn the_worker_runs_the_definition_with_every_secret_mounted() {
+        let (wf, def, c) = built("shipment-to-invoice");
+        let spec = c.deployment.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, Some(wf.spec.workers.replicas));
+        let pod = spec.template.spec.as_ref().unwrap();
+        let container = &pod.containers[0];
+        assert_eq!(
+            container.args.as_ref().unwrap(),
+            &[
+                "worker",
+                "--definition",
+                "/etc/tallyman/definition.json",
+                "--secrets-dir",
+                "/var/run/tallyman/secrets",
+                "--cases",
+                "kubernetes"
+            ]
+        );
+        assert_eq!(container.resources, wf.spec.workers.resources);
+        let env = container.env.as_ref().unwrap();
+        assert!(env.iter().any(
+            |e| e.name == "TALLYMAN_NATS_URL" && e.value.as_deref() == Some("nats://nats:4222")
+        ));
+        let secrets = pods::secret_names(def.connectors.values());
+        assert!(!secrets.is_empty());
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        for s in &secrets {
+            let mount = mounts
+                .iter()
+                .find(|m| m.mount_path == format!("/var/run/tallyman/secrets/{s}"))
+                .unwrap_or_else(|| panic!("{s} not mounted"));
+            let volume = pod
+                .volumes
+                .as_ref()
+                .unwrap()
+                .iter()
+                .find(|v| v.name == mount.name)
+                .unwrap();
+            assert_eq!(
+                volume.secret.as_ref().unwrap().secret_name.as_deref(),
+                Some(s.as_str())
+            );
+        }
+        let annotations = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap();
+        assert_eq!(annotations[REVISION_ANNOTATION], def.revision());
+    }
+
+    #[test]
+    fn pods_meet_the_restricted_pod_security_standard() {
+        let (_, _, c) = built("three-way-match");
+        let pod = c.deployment.spec.unwrap().template.spec.unwrap();
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let sc = pod.containers[0].security_context.clone().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(
+            sc.capabilities.unwrap().drop.unwrap(),
+            vec!["ALL".to_string()]
+        );
+        assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn every_child_is_owned_and_labelled() {
+        let (wf, _, c) = built("returns-to-credit");
+        let metas = [
+            &c.config_map.metadata,
+            &c.service_account.metadata,
+            &c.role.metadata,
+            &c.role_binding.metadata,
+            &c.deployment.metadata,
+            &c.pdb.metadata,
+        ];
+        for m in metas {
+            let owner = &m.owner_references.as_ref().unwrap()[0];
+            assert_eq!(
+                (owner.kind.as_str(), owner.controller),
+                ("Workflow", Some(true))
+            );
+            assert_eq!(owner.uid, "uid-1");
+            let labels = m.labels.as_ref().unwrap();
+            assert_eq!(labels["app.kubernetes.io/instance"], wf.name_any());
+            assert_eq!(labels["app.kubernetes.io/managed-by"], "tallyman-operator");
+            assert_eq!(m.namespace, wf.namespace());
+        }
+    }
+
+    #[test]
+    fn the_role_grants_only_cases_events_and_its_own_status() {
+        let (_, _, c) = built("inventory-adjustment");
+        let rules = c.role.rules.unwrap();
+        let mut grants: Vec<(String, String)> = Vec::new();
+        for r in &rules {
+            for res in r.resources.as_ref().unwrap() {
+                for v in &r.verbs {
+                    grants.push((res.clone(), v.clone()));
+                }
+            }
+        }
+        assert!(grants.contains(&("exceptioncases".into(), "create".into())));
+        assert!(grants.contains(&("exceptioncases/status".into(), "patch".into())));
+        assert!(grants.contains(&("events".into(), "create".into())));
+        assert!(
+            grants
+                .iter()
+                .all(|(res, v)| res.starts_with("exceptioncases")
+                    || res == "events" && (v == "create" || v == "patch")
+                    || res == "workflows/status" && v == "patch")
+        );
+        // Its own Workflow's status, no other.
+        let status = rules
+            .iter()
+            .find(|r| r.resources.as_ref().unwrap() == &["workflows/status"])
+            .unwrap();
+        assert_eq!(
+            status.resource_names.as_deref(),
+            Some(&["inventory-adjustment".to_string()][..])
+        );
+        assert!(!grants.iter().any(|(_, v)| v == "delete" || v == "*"));
+    }
+
+    #[test]
+    fn a_changed_connector_changes_the_pod_template() {
+        let set = fixtures::example("shipment-to-invoice");
+        let mut wf = set.workflows[0].clone();
+        wf.metadata.uid = Some("uid-1".into());
+        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
+        let before = build(&wf, &def, &settings(), "h0").unwrap().deployment;
+        let mut connectors = set.connectors.clone();
+        for c in &mut connectors {
+            if let Some(rest) = &mut c.spec.rest {
+                rest.base_url = "https://erp2.example.com/api".into();
+            }
+        }
+        let def2 = validate(&wf, &connectors, &set.policies).unwrap();
+        let after = build(&wf, &def2, &settings(), "h0").unwrap().deployment;
+        let rev = |d: &Deployment| {
+            d.spec
+                .as_ref()
+                .unwrap()
+                .template
+                .metadata
+                .as_ref()
+                .unwrap()
+                .annotations
+                .as_ref()
+                .unwrap()[REVISION_ANNOTATION]
+                .clone()
+        };
+        assert_ne!(rev(&before), rev(&after));
+    }
+
+    #[test]
+    fn a_rotated_secret_changes_the_pod_template() {
+        let set = fixtures::example("shipment-to-invoice");
+        let mut wf = set.workflows[0].clone();
+        wf.metadata.uid = Some("uid-1".into());
+        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
+        let template = |h: &str| {
+            build(&wf, &def, &settings(), h)
+                .unwrap()
+                .deployment
+                .spec
+                .unwrap()
+                .template
+        };
+        assert_ne!(template("h0"), template("h1"));
+        let t = template("h1");
+        assert_eq!(
+            t.metadata.unwrap().annotations.unwrap()[SECRETS_HASH_ANNOTATION],
+            "h1"
+        );
+    }
+}
