@@ -102,6 +102,25 @@ async fn health_readiness_metrics_and_a_poison_message() {
         metrics.contains("tallyman_worker_call_duration_seconds_bucket"),
         "{metrics}"
     );
+    // Each executed step once per instance, calls included; the await
+    // waits, it does not execute.
+    for step in [
+        "order",
+        "price-lines",
+        "quantities-match",
+        "invoice",
+        "done",
+    ] {
+        let line = format!(
+            r#"tallyman_worker_step_duration_seconds_count{{namespace="finance",workflow="shipment-to-invoice",step="{step}"}} 3"#
+        );
+        assert!(
+            metrics.contains(&line),
+            "missing {line} in
+{metrics}"
+        );
+    }
+    assert!(!metrics.contains(r#"step="both-arrived""#), "{metrics}");
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -28,4 +28,4 @@ pub use metrics::{
 };
 /// Re-exported so callers name metric types without depending on the crate.
 pub use prometheus_client;
-pub use server::{Error, Readiness, serve};
+pub use server::{Error, Readiness, router, serve};

@@ -68,15 +68,20 @@ pub async fn serve(
         .await
         .map_err(|source| Error::Bind { addr, source })?;
     let local = listener.local_addr().map_err(Error::LocalAddr)?;
-    let app = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .with_state(AppState { metrics, ready });
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let server = axum::serve(listener, router(metrics, ready)).with_graceful_shutdown(shutdown);
     let task = tokio::spawn(async move { server.await });
     tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
     Ok((local, task))
+}
+
+/// `/healthz`, `/readyz` and `/metrics`, for a process that serves them on
+/// a listener of its own making (dev mode serves them beside its API).
+pub fn router(metrics: Arc<Metrics>, ready: Readiness) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(AppState { metrics, ready })
 }
 
 async fn healthz() -> &'static str {

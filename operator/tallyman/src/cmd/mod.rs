@@ -1,7 +1,10 @@
 pub mod audit;
 pub mod crdgen;
+pub mod dev;
 pub mod gateway;
+pub mod kubectl;
 pub mod manifests;
+pub mod operator;
 pub mod validate;
 pub mod worker;
 

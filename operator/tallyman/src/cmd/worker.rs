@@ -11,7 +11,7 @@ use tallyman_connectors::{MountedSecrets, SecretSource, StaticSecrets};
 use tallyman_core::engine::Definition;
 use tallyman_telemetry::{Metrics, Readiness};
 use tallyman_worker::calls::RestCaller;
-use tallyman_worker::{Worker, WorkerConfig};
+use tallyman_worker::{CaseBackend, Worker, WorkerConfig};
 use tokio::sync::watch;
 
 use super::manifests;
@@ -56,6 +56,18 @@ pub struct Args {
     /// How long before an unacknowledged message goes to another replica (e.g. 30s).
     #[arg(long, default_value = "30s")]
     ack_wait: tallyman_api::v1alpha1::Duration,
+    /// Where exception cases live: `jetstream` (a KV bucket; no cluster
+    /// needed) or `kubernetes` (ExceptionCases in the Workflow's namespace,
+    /// decided with `kubectl tallyman`; the in-cluster or kubeconfig
+    /// credentials are used).
+    #[arg(long, value_enum, default_value_t = CaseStoreArg::Jetstream, env = "TALLYMAN_CASES")]
+    cases: CaseStoreArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum CaseStoreArg {
+    Jetstream,
+    Kubernetes,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -133,6 +145,14 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         })
         .await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    let cases = match args.cases {
+        CaseStoreArg::Jetstream => CaseBackend::JetStream,
+        CaseStoreArg::Kubernetes => CaseBackend::Kubernetes(
+            kube::Client::try_default()
+                .await
+                .context("failed to connect to the Kubernetes API for ExceptionCases")?,
+        ),
+    };
     let max_in_flight = args
         .max_in_flight
         .unwrap_or(definition.spec.workers.max_in_flight as usize);
@@ -143,6 +163,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         max_in_flight,
         metrics,
         ack_wait: args.ack_wait.as_std(),
+        cases,
     })
     .await?;
     ready.set_ready(true);
