@@ -130,3 +130,33 @@ fn the_examples_are_valid() {
         report.resources
     );
 }
+
+#[test]
+fn a_double_literal_in_an_expression_is_warned_about_but_valid() {
+    let dir = std::env::temp_dir().join(format!("tallyman-doubles-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("policy.yaml"),
+        r#"apiVersion: tallyman.dev/v1alpha1
+kind: ApprovalPolicy
+metadata: {name: variance, namespace: finance}
+spec:
+  rules:
+    - {name: tiny, when: "facts.amount < decimal('500.00')", decide: AutoApprove}
+    - {name: rest, when: "facts.amount < 0.1 + 0.2", decide: AutoReject}
+"#,
+    )
+    .unwrap();
+    let report = validate::validate_paths(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!report.has_errors(), "{:?}", report.diagnostics);
+    let warnings: Vec<_> = report.warnings().collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].path, "spec.rules[1].when");
+    assert!(
+        warnings[0].message.contains("0.1 is a CEL double")
+            && warnings[0].message.contains("write decimal('0.1')"),
+        "{}",
+        warnings[0].message
+    );
+}

@@ -188,6 +188,8 @@ pub struct References {
     pub vars: BTreeSet<String>,
     /// `facts.<name>` and `facts['<name>']`.
     pub facts: BTreeSet<String>,
+    /// Double literals (`0.5`): binary floating point, never exact money.
+    pub doubles: Vec<String>,
 }
 
 /// Why an expression was refused.
@@ -336,6 +338,9 @@ fn collect(e: &IdedExpr, bound: &mut Vec<String>, refs: &mut References) {
                     collect(&f.value, bound, refs);
                 }
             }
+        }
+        Expr::Literal(kube_cel::cel::common::ast::LiteralValue::Double(d)) => {
+            refs.doubles.push(format!("{:?}", d.inner()));
         }
         Expr::Literal(_) | Expr::Unspecified => {}
     }

@@ -116,7 +116,19 @@ impl Cx<'_, '_> {
 
     fn expr(&mut self, path: &str, source: &str, scope: Scope) -> Option<cel::References> {
         match cel::compile(source, scope) {
-            Ok((_, refs)) => Some(refs),
+            Ok((_, refs)) => {
+                // Money is never a float: a double literal is binary floating
+                // point, so sums and comparisons with it are not exact.
+                if let Some(d) = refs.doubles.first() {
+                    self.warning(
+                        path,
+                        format!(
+                            "{d} is a CEL double (binary floating point): amounts computed or compared with it are not exact; write decimal('{d}')"
+                        ),
+                    );
+                }
+                Some(refs)
+            }
             Err(e) => {
                 self.error(path, e.0);
                 None
