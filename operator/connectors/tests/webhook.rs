@@ -961,3 +961,30 @@ fn a_bad_connector_set_is_refused_with_the_connector_and_field() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_client_that_trickles_its_headers_is_cut_off() {
+    let config = GatewayConfig {
+        header_timeout: Duration::from_millis(300),
+        ..GatewayConfig::default()
+    };
+    let h = Harness::start_with(&four_schemes(), config).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    // Half a request head, then nothing.
+    stream
+        .write_all(b"POST /webhooks/finance/wms/shipments HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was held for 5 s");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    // The gateway still serves everyone else.
+    let r = wms(&h).send(SHIPMENT.as_bytes()).await.unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+}

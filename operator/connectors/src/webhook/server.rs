@@ -33,6 +33,9 @@ pub struct GatewayConfig {
     pub publish_timeout: Duration,
     /// How long reading a body may take (slow senders hold a connection).
     pub body_timeout: Duration,
+    /// How long a request's head may take to arrive: a client that opens
+    /// connections and trickles headers would otherwise hold them forever.
+    pub header_timeout: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -40,6 +43,7 @@ impl Default for GatewayConfig {
         Self {
             publish_timeout: Duration::from_secs(2),
             body_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -511,15 +515,51 @@ async fn read_body(
 }
 
 /// Serves `gateway` on `listener` until `shutdown` completes, then finishes
-/// the requests in flight.
+/// the requests in flight. HTTP/1.1 with keep-alive; a request head that
+/// has not arrived within `header_timeout` closes its connection.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, gateway.router())
-        .with_graceful_shutdown(shutdown)
-        .await
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let router = gateway.router();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(gateway.config.header_timeout);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                // Out of file descriptors and the like: keep serving the
+                // connections there are, try again shortly.
+                Err(e) => {
+                    tracing::warn!(error = %e, "failed to accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        );
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]
