@@ -63,7 +63,7 @@ impl Counts {
         }
     }
 
-    fn plus(&self, other: &Counts) -> Counts {
+    pub fn plus(&self, other: &Counts) -> Counts {
         Counts {
             started: self.started + other.started,
             completed: self.completed + other.completed,

@@ -15,7 +15,6 @@ use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
     CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
-    Status as InstanceStatus,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -1157,50 +1156,21 @@ impl Worker {
         Ok(())
     }
 
-    /// How many stored instances of this workflow are in each state, and
-    /// how many cases it opened: read from the stores, so the numbers are
-    /// the same on every replica and after a restart (dev mode's
-    /// `/dev/status`). A scan of every key: for status pages, not hot paths.
+    /// The workflow's instances by state and the cases it opened, from the
+    /// shared counters every replica adds to, plus what this process
+    /// counted since its last flush: the same after a restart, current to
+    /// the moment in a single process (dev mode's `/dev/status`).
     pub async fn tally(&self) -> Result<Tally, Error> {
-        #[derive(Deserialize)]
-        struct Head {
-            status: InstanceStatus,
-        }
-        let mut tally = Tally::default();
-        let mut keys = self
-            .handles
-            .instances
-            .keys()
-            .await
-            .map_err(|e| Error::Store(format!("failed to list instances: {e}")))?;
-        while let Some(key) = keys.next().await {
-            let key = key.map_err(|e| Error::Store(format!("failed to list instances: {e}")))?;
-            let Some(bytes) = self
-                .handles
-                .instances
-                .get(&key)
-                .await
-                .map_err(|e| Error::Store(format!("failed to read instance {key}: {e}")))?
-            else {
-                continue;
-            };
-            let head: Head = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Store(format!("instance {key} is not readable: {e}")))?;
-            match head.status {
-                InstanceStatus::Running => tally.running += 1,
-                InstanceStatus::Completed => tally.completed += 1,
-                InstanceStatus::Rejected => tally.rejected += 1,
-                InstanceStatus::Failed => tally.failed += 1,
-            }
-        }
-        tally.exceptions = self
-            .cases
-            .list()
-            .await?
-            .iter()
-            .filter(|c| c.spec.workflow == self.names.workflow)
-            .count() as u64;
-        Ok(tally)
+        let flushed = self.flushed.lock().await;
+        let stored = counts::read(&self.handles.counts, &self.names.workflow).await?;
+        let total = stored.plus(&Counts::of(&self.stats).since(&flushed));
+        Ok(Tally {
+            running: total.running(),
+            completed: total.completed,
+            rejected: total.rejected,
+            failed: total.failed,
+            exceptions: total.exceptions,
+        })
     }
 
     /// The stored state of an instance, for status pages and tests.
