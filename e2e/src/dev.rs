@@ -37,6 +37,21 @@ pub struct DevOptions {
     pub connector_urls: Vec<(String, String)>,
 }
 
+impl DevOptions {
+    /// `examples/<name>` with its state in `<state>/dev`, each named
+    /// Connector pointed at `url`.
+    pub fn example(name: &str, state: &Path, connectors: &[(&str, &str)]) -> DevOptions {
+        DevOptions {
+            manifests: crate::example(name),
+            state_dir: state.join("dev"),
+            connector_urls: connectors
+                .iter()
+                .map(|(c, url)| (c.to_string(), url.to_string()))
+                .collect(),
+        }
+    }
+}
+
 /// A running (or stopped) `tallyman dev`.
 pub struct DevMode {
     options: DevOptions,
@@ -116,6 +131,16 @@ impl DevMode {
     /// `http://127.0.0.1:PORT` (changes across restarts).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// A client of this run's dev API (the URL changes across restarts).
+    pub fn api(&self) -> crate::DevApi {
+        crate::DevApi::new(&self.url)
+    }
+
+    /// The webhook senders of this run's manifests, at this run's URL.
+    pub fn senders(&self) -> crate::Senders {
+        crate::Senders::from_manifests(&self.options.manifests, &self.url)
     }
 
     /// The private nats-server's URL.

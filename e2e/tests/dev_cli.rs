@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tallyman_e2e::dev::{DevMode, DevOptions, tallyman_bin};
 use tallyman_e2e::shipment::{Batch, amount};
-use tallyman_e2e::{DevApi, Senders, example, workspace};
+use tallyman_e2e::{example, workspace};
 use tallyman_testing::erp::SimErp;
 
 const WF: &str = "shipment-to-invoice";
@@ -103,13 +103,12 @@ fn a_connector_url_for_an_unknown_connector_is_refused() {
 async fn cases_approve_and_reject_work_from_the_terminal() {
     let state = tempfile::tempdir().unwrap();
     let erp = SimErp::start().await;
-    let mut dev = DevMode::start(DevOptions {
-        manifests: example(WF),
-        state_dir: state.path().join("dev"),
-        connector_urls: vec![("erp".into(), erp.base_url())],
-    });
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let mut dev = DevMode::start(DevOptions::example(
+        WF,
+        state.path(),
+        &[("erp", &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
     let s = Batch::new().needs_approval;
     s.seed(&erp);
     senders.send("shop", &s.order_created()).await;

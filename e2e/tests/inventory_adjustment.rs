@@ -10,7 +10,7 @@ use tallyman_e2e::dev::{DevMode, DevOptions};
 use tallyman_e2e::inventory::Adjustment;
 use tallyman_e2e::money::{money, quoted, raw_objects};
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders, example};
+use tallyman_e2e::{DevApi, Senders};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -21,13 +21,12 @@ async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) 
     let erp = SimErp::start().await;
     // erp-ledger sends the API key of the erp-ledger-api-key Secret.
     erp.require_api_key("X-API-Key", "dummy-erp-ledger-api-key-change-me");
-    let dev = DevMode::start(DevOptions {
-        manifests: example(WF),
-        state_dir: state.path().join("dev"),
-        connector_urls: vec![("erp-ledger".into(), erp.base_url())],
-    });
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let dev = DevMode::start(DevOptions::example(
+        WF,
+        state.path(),
+        &[("erp-ledger", &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
     (erp, dev, api, senders)
 }
 

@@ -9,7 +9,7 @@ use tallyman_e2e::dev::{DevMode, DevOptions};
 use tallyman_e2e::money::{money, quoted, raw_objects};
 use tallyman_e2e::returns::Return;
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders, example};
+use tallyman_e2e::{DevApi, Senders};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -20,13 +20,12 @@ async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) 
     let erp = SimErp::start().await;
     // erp-sales authenticates with basic auth from erp-sales-credentials.
     erp.require_basic("svc-tallyman", "dummy-erp-sales-password-change-me");
-    let dev = DevMode::start(DevOptions {
-        manifests: example(WF),
-        state_dir: state.path().join("dev"),
-        connector_urls: vec![("erp-sales".into(), erp.base_url())],
-    });
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let dev = DevMode::start(DevOptions::example(
+        WF,
+        state.path(),
+        &[("erp-sales", &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
     (erp, dev, api, senders)
 }
 

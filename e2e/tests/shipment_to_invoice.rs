@@ -7,7 +7,7 @@ use std::time::Duration;
 use tallyman_e2e::dev::{DevMode, DevOptions};
 use tallyman_e2e::senders::Delivery;
 use tallyman_e2e::shipment::{Batch, Shipment, amount};
-use tallyman_e2e::{DevApi, Senders, example};
+use tallyman_e2e::{DevApi, Senders};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -17,13 +17,12 @@ const WAIT: Duration = Duration::from_secs(60);
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
     let erp = SimErp::start().await;
     erp.require_bearer("dummy-erp-bearer-token-change-me");
-    let dev = DevMode::start(DevOptions {
-        manifests: example(WF),
-        state_dir: state.path().join("dev"),
-        connector_urls: vec![("erp".into(), erp.base_url())],
-    });
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let dev = DevMode::start(DevOptions::example(
+        WF,
+        state.path(),
+        &[("erp", &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
     (erp, dev, api, senders)
 }
 
@@ -238,8 +237,7 @@ async fn a_restart_of_dev_mode_mid_run_loses_and_repeats_nothing() {
         .await;
 
     dev.restart();
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let (api, senders) = (dev.api(), dev.senders());
 
     // The case opened before the restart is still there and still open.
     let case = api

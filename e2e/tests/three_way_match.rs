@@ -13,7 +13,7 @@ use tallyman_e2e::dev::{DevMode, DevOptions};
 use tallyman_e2e::money::money;
 use tallyman_e2e::purchasing::Purchase;
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders, example};
+use tallyman_e2e::{DevApi, Senders};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -26,14 +26,12 @@ const ACCESS_TOKEN: &str = "sim-payments-access-token";
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
     let erp = SimErp::start().await;
     erp.enable_oauth2(CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN);
-    let manifests = example(WF);
-    let dev = DevMode::start(DevOptions {
-        manifests: manifests.clone(),
-        state_dir: state.path().join("dev"),
-        connector_urls: vec![("payments".into(), erp.base_url())],
-    });
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&manifests, dev.url());
+    let dev = DevMode::start(DevOptions::example(
+        WF,
+        state.path(),
+        &[("payments", &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
     (erp, dev, api, senders)
 }
 
@@ -458,8 +456,7 @@ async fn a_half_approved_case_and_a_held_payment_survive_a_restart_of_dev_mode()
     assert_eq!((counts.running, counts.ended()), (3, 0), "{counts:?}");
 
     dev.restart();
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&example(WF), dev.url());
+    let (api, senders) = (dev.api(), dev.senders());
 
     // The first approval is still there, and still counts against t.one.
     let case = api.wait_for_case(WF, &large.po_number, "Open", WAIT).await;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tallyman_e2e::dev::{DevMode, DevOptions};
 use tallyman_e2e::senders::Delivery;
 use tallyman_e2e::shipment::{Batch, Shipment, amount};
-use tallyman_e2e::{DevApi, Senders, example, workspace};
+use tallyman_e2e::{example, workspace};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -103,8 +103,7 @@ async fn run() -> Result<bool, String> {
         dev.nats_url(),
         state_dir.join("jetstream").display()
     );
-    let api = DevApi::new(dev.url());
-    let senders = Senders::from_manifests(&manifests, dev.url());
+    let (api, senders) = (dev.api(), dev.senders());
     let mut tally = Tally::default();
 
     step("sending webhooks: shop orders and WMS shipment confirmations (signed)");
