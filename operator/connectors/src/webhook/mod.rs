@@ -29,7 +29,7 @@ use std::pin::Pin;
 use bytes::Bytes;
 
 pub use routes::{BuildError, CanonicalEvent, Route, Routes, event_subject};
-pub use server::{Gateway, GatewayConfig, Rejection, serve};
+pub use server::{Gateway, GatewayConfig, Rejection, serve, serve_router};
 
 /// The broker's answer to one publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -515,25 +515,44 @@ async fn read_body(
 }
 
 /// Serves `gateway` on `listener` until `shutdown` completes, then finishes
-/// the requests in flight. HTTP/1.1 with keep-alive; a request head that
-/// has not arrived within `header_timeout` closes its connection.
+/// the requests in flight.
 pub async fn serve(
     listener: TcpListener,
     gateway: Arc<Gateway>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(
+        listener,
+        gateway.router(),
+        gateway.config.header_timeout,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `router` over HTTP/1.1 with keep-alive until `shutdown`
+/// completes, then finishes the requests in flight. A request head that
+/// has not arrived within `header_timeout` closes its connection (a client
+/// trickling headers cannot hold it). Handlers can extract the peer as
+/// `ConnectInfo<SocketAddr>`.
+pub async fn serve_router(
+    listener: TcpListener,
+    router: Router,
+    header_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::extract::ConnectInfo;
     use hyper_util::rt::{TokioIo, TokioTimer};
     use hyper_util::server::graceful::GracefulShutdown;
     use hyper_util::service::TowerToHyperService;
 
-    let router = gateway.router();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(gateway.config.header_timeout);
+        .header_read_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 // Out of file descriptors and the like: keep serving the
@@ -547,10 +566,9 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = http.serve_connection(
-            TokioIo::new(stream),
-            TowerToHyperService::new(router.clone()),
-        );
+        let service = router.clone().layer(axum::Extension(ConnectInfo(peer)));
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {

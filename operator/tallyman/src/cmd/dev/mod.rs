@@ -198,16 +198,16 @@ async fn serve(
     });
     let app = api::router(dev).merge(tallyman_telemetry::router(metrics, ready.clone()));
     let mut http_stop = stopped.clone();
-    let http = tokio::spawn(
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+    // The gateway's server loop: the same header-read timeout, and the
+    // peer address the /dev/ API checks.
+    let http = tokio::spawn(tallyman_connectors::webhook::serve_router(
+        listener,
+        app,
+        GatewayConfig::default().header_timeout,
+        async move {
             let _ = http_stop.wait_for(|s| *s).await;
-        })
-        .into_future(),
-    );
+        },
+    ));
     let tasks: Vec<_> = workers
         .iter()
         .map(|w| tokio::spawn(w.clone().run(stopped.clone())))
