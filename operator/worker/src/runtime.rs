@@ -350,21 +350,28 @@ impl Worker {
                 _ = shutdown.changed() => return Ok(()),
                 _ = tokio::time::sleep(COUNTS_FLUSH) => {}
             }
-            if let Err(e) = self.flush_counts().await {
-                warn!(error = %e, "failed to store instance counts; trying again");
-                continue;
-            }
+            let added = match self.flush_counts().await {
+                Ok(added) => added,
+                Err(e) => {
+                    warn!(error = %e, "failed to store instance counts; trying again");
+                    continue;
+                }
+            };
             let Some(api) = &self.workflows else { continue };
             if last.elapsed() < COUNTS_PUBLISH {
                 continue;
             }
-            // Other replicas add to the totals too: read them.
-            let total = match counts::read(&self.handles.counts, &self.names.workflow).await {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(error = %e, "failed to read instance counts");
-                    continue;
-                }
+            // The totals our add returned, else (nothing to add here) what
+            // the other replicas added meanwhile.
+            let total = match added {
+                Some(t) => t,
+                None => match counts::read(&self.handles.counts, &self.names.workflow).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(error = %e, "failed to read instance counts");
+                        continue;
+                    }
+                },
             };
             if published == Some(total) {
                 continue;
