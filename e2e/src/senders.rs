@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_json::Value;
+use tallyman_connectors::{SecretSource, StaticSecrets};
 use tallyman_testing::erp::{HttpResponse, WebhookSender, WebhookSignature};
 
 /// What a delivery came to, from the gateway's answer.
@@ -31,20 +32,6 @@ impl Senders {
     /// a sender per webhook Connector for the dev mode at `base`.
     pub fn from_manifests(dir: &Path, base: &str) -> Senders {
         let docs = documents(dir);
-        let mut secrets: BTreeMap<(String, String, String), Vec<u8>> = BTreeMap::new();
-        for d in docs.iter().filter(|d| d["kind"] == "Secret") {
-            let ns = namespace(d);
-            let name = d["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if let Some(data) = d["stringData"].as_object() {
-                for (k, v) in data {
-                    let value = v.as_str().unwrap_or_default().as_bytes().to_vec();
-                    secrets.insert((ns.clone(), name.clone(), k.clone()), value);
-                }
-            }
-        }
         let mut by_connector = BTreeMap::new();
         for d in docs.iter().filter(|d| d["kind"] == "Connector") {
             let hook = &d["spec"]["webhook"];
@@ -59,21 +46,13 @@ impl Senders {
             let sig = &hook["signature"];
             let header = sig["header"].as_str().unwrap_or_default().to_string();
             let secret = || {
-                let key = (
-                    ns.clone(),
-                    sig["secretRef"]["name"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                    sig["secretRef"]["key"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
+                let (secret, key) = (
+                    sig["secretRef"]["name"].as_str().unwrap_or_default(),
+                    sig["secretRef"]["key"].as_str().unwrap_or_default(),
                 );
-                secrets
-                    .get(&key)
-                    .cloned()
-                    .unwrap_or_else(|| panic!("no Secret {key:?} for Connector {name}"))
+                StaticSecrets::from_manifests(&docs, &ns)
+                    .get(secret, key)
+                    .unwrap_or_else(|e| panic!("Connector {name}: {e}"))
             };
             let signature = match sig["scheme"].as_str().unwrap_or("none") {
                 "hmac-sha256" => WebhookSignature::HmacSha256 {
@@ -144,36 +123,13 @@ fn namespace(doc: &Value) -> String {
         .to_string()
 }
 
-/// Every YAML document under `dir`, as JSON values.
+/// Every document under `dir`, read as `tallyman dev` reads them.
 fn documents(dir: &Path) -> Vec<Value> {
-    let mut files: Vec<_> = walk(dir);
-    files.sort();
-    let mut docs = Vec::new();
-    for file in files {
-        let text = std::fs::read_to_string(&file).expect("a manifest reads");
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value: Value = serde::Deserialize::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-            if !value.is_null() {
-                docs.push(value);
-            }
-        }
-    }
-    docs
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)
-        .expect("the manifest dir reads")
-        .flatten()
-    {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
-            out.push(path);
-        }
-    }
-    out
+    let loaded = tallyman_core::manifest::load(&[dir.to_path_buf()]);
+    assert!(
+        loaded.parse_errors.is_empty() && loaded.read_errors.is_empty(),
+        "{} does not load",
+        dir.display()
+    );
+    loaded.documents.into_iter().map(|d| d.value).collect()
 }
