@@ -5,6 +5,7 @@ pub mod gateway;
 pub mod kubectl;
 pub mod manifests;
 pub mod operator;
+pub mod table;
 pub mod validate;
 pub mod worker;
 
