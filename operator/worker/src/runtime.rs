@@ -13,8 +13,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
+use tallyman_core::audit::AuditKind;
 use tallyman_core::engine::{
     CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
+    Values,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -99,9 +101,10 @@ pub struct Worker {
     handles: Handles,
     cases: Arc<dyn CaseStore>,
     caller: Arc<dyn Caller>,
-    /// The last stored revision and state of recently seen instances, so a
-    /// write needs no read unless another replica wrote in between.
-    cache: Mutex<HashMap<String, (u64, Instance)>>,
+    /// The last stored revision and state of recently seen running
+    /// instances, so a write needs no read unless another replica wrote in
+    /// between, with their parsed values for the next input.
+    cache: Mutex<HashMap<String, Held>>,
     /// One lock per instance key being processed, so two messages for the
     /// same instance in this process go one after the other instead of
     /// racing into a compare-and-set conflict (and repeating their calls).
@@ -140,6 +143,13 @@ struct TimerMsg {
     /// For case deadlines: the case to expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     case: Option<String>,
+}
+
+/// A running instance this process holds in memory.
+struct Held {
+    revision: u64,
+    inst: Instance,
+    values: Values,
 }
 
 const CACHE_LIMIT: usize = 200_000;
@@ -551,38 +561,50 @@ impl Worker {
         msg: Option<Arc<jetstream::Message>>,
     ) -> Result<(), Error> {
         let kv_key = kv_key(key);
+        // An event for an instance this process does not hold is most often
+        // the first of a new instance: try to create it without reading
+        // first (one broker request less). Only when the event leaves the
+        // new instance idle, so nothing is called on that assumption; a
+        // conflict reads the stored instance and runs the event again.
+        let mut assume_new = matches!(input, Input::Event(_));
         for _ in 0..CAS_ATTEMPTS {
-            let cached = self.cache.lock().expect("cache lock").get(key).cloned();
+            // Taken out, not copied: the instance lock keeps every other
+            // message for this key waiting until it is put back.
+            let cached = self.cache.lock().expect("cache lock").remove(key);
+            let mut probed = None;
+            let mut values = Values::default();
             let (mut inst, revision) = match cached {
-                Some((rev, inst)) => (inst, Some(rev)),
-                None => match self.handles.instances.entry(&kv_key).await {
-                    Ok(Some(e)) if e.operation == kv::Operation::Put => {
-                        let inst: Instance = serde_json::from_slice(&e.value).map_err(|err| {
-                            Error::Store(format!("instance {key} is unreadable: {err}"))
-                        })?;
-                        // A crash may have stopped the last publish: redo it.
-                        self.publish_outbox(&inst).await?;
-                        (inst, Some(e.revision))
-                    }
-                    Ok(_) => {
-                        if !matches!(input, Input::Event(_)) {
-                            return Ok(());
+                Some(held) => {
+                    values = held.values;
+                    (held.inst, Some(held.revision))
+                }
+                None => {
+                    let machine = Machine::new(&self.current, Utc::now());
+                    let mut fresh =
+                        Instance::new(key, &self.current.revision, Utc::now().timestamp_millis());
+                    let first = assume_new.then(|| machine.apply(&mut fresh, input.clone()));
+                    let stored = match first {
+                        Some(Next::Idle) => None,
+                        _ => self.load(key, &kv_key).await?,
+                    };
+                    match stored {
+                        Some((inst, rev)) => (inst, Some(rev)),
+                        // Only an event starts an instance.
+                        None if !matches!(input, Input::Event(_)) => return Ok(()),
+                        None => {
+                            let next = match first {
+                                Some(next) => next,
+                                None => machine.apply(&mut fresh, input.clone()),
+                            };
+                            probed = Some((machine, next));
+                            (fresh, None)
                         }
-                        (
-                            Instance::new(
-                                key,
-                                &self.current.revision,
-                                Utc::now().timestamp_millis(),
-                            ),
-                            None,
-                        )
                     }
-                    Err(e) => {
-                        return Err(Error::Store(format!("failed to read instance {key}: {e}")));
-                    }
-                },
+                }
             };
-            if let Input::Event(ev) = &input
+            let new = revision.is_none();
+            if probed.is_none()
+                && let Input::Event(ev) = &input
                 && inst.has_applied(&ev.dedup_key())
             {
                 self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
@@ -593,12 +615,21 @@ impl Worker {
                     .inc();
                 return Ok(());
             }
-            let compiled = self.compiled(&inst.revision).await?;
-            let was_running = inst.is_running();
-            let new = revision.is_none();
-            inst.outbox.clear();
-            let machine = Machine::new(&compiled, Utc::now());
-            let mut next = machine.apply(&mut inst, input.clone());
+            let compiled = match probed {
+                Some(_) => self.current.clone(),
+                None => self.compiled(&inst.revision).await?,
+            };
+            let (machine, was_running, mut next) = match probed {
+                // A new instance, the event applied already.
+                Some((machine, next)) => (machine, true, next),
+                None => {
+                    let was_running = inst.is_running();
+                    inst.clear_outbox();
+                    let machine = Machine::with_values(&compiled, Utc::now(), values);
+                    let next = machine.apply(&mut inst, input.clone());
+                    (machine, was_running, next)
+                }
+            };
             // The lookup guarding the call about to be made, and the
             // attempts of that call so far: every retry looks up first.
             let mut guard: Option<(CallPlan, u32)> = None;
@@ -677,6 +708,13 @@ impl Worker {
                 }
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
+            let sla_breaches = inst
+                .outbox
+                .iter()
+                .filter(|o| matches!(o, Outbound::Audit(r) if r.kind == AuditKind::SlaBreached))
+                .count();
+            inst.seal_audits(&self.msg_prefix(key))
+                .map_err(|e| Error::Store(e.to_string()))?;
             let bytes =
                 Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
             let written = match revision {
@@ -705,15 +743,16 @@ impl Worker {
             };
             match written {
                 Ok(new_revision) => {
-                    self.count(&inst, new, was_running);
+                    self.count(&inst, new, was_running, sla_breaches);
                     if let Err(e) = self.publish_outbox(&inst).await {
                         self.cache.lock().expect("cache lock").remove(key);
                         return Err(e);
                     }
-                    self.remember(key, new_revision, inst);
+                    self.remember(key, new_revision, inst, machine.into_values());
                     return Ok(());
                 }
                 Err((true, _)) => {
+                    assume_new = false;
                     self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
                     self.metrics
                         .worker
@@ -734,12 +773,41 @@ impl Worker {
         )))
     }
 
-    fn remember(&self, key: &str, revision: u64, inst: Instance) {
+    /// The stored instance `key` and its revision; a crash may have
+    /// stopped its last publish, so that is done again.
+    async fn load(&self, key: &str, kv_key: &str) -> Result<Option<(Instance, u64)>, Error> {
+        match self.handles.instances.entry(kv_key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => {
+                let inst: Instance = serde_json::from_slice(&e.value)
+                    .map_err(|err| Error::Store(format!("instance {key} is unreadable: {err}")))?;
+                self.publish_outbox(&inst).await?;
+                Ok(Some((inst, e.revision)))
+            }
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::Store(format!("failed to read instance {key}: {e}"))),
+        }
+    }
+
+    /// Keep a stored instance for its next message. Ended instances are
+    /// not kept (a late duplicate reads the store), nor is an outbox that
+    /// is already published.
+    fn remember(&self, key: &str, revision: u64, mut inst: Instance, values: Values) {
+        if !inst.is_running() {
+            return;
+        }
+        inst.clear_outbox();
         let mut cache = self.cache.lock().expect("cache lock");
         if cache.len() >= CACHE_LIMIT {
             cache.clear();
         }
-        cache.insert(key.to_string(), (revision, inst));
+        cache.insert(
+            key.to_string(),
+            Held {
+                revision,
+                inst,
+                values,
+            },
+        );
     }
 
     /// One call, timed for `tallyman_worker_call_duration_seconds`; `once`:
@@ -784,8 +852,7 @@ impl Worker {
         (result, retry_in)
     }
 
-    fn count(&self, inst: &Instance, new: bool, was_running: bool) {
-        use tallyman_core::audit::AuditKind;
+    fn count(&self, inst: &Instance, new: bool, was_running: bool, sla_breaches: usize) {
         use tallyman_core::engine::Status;
         let w = &self.metrics.worker;
         if new {
@@ -840,11 +907,13 @@ impl Worker {
                         })
                         .inc();
                 }
-                Outbound::Audit(record) if record.kind == AuditKind::SlaBreached => {
-                    w.sla_breaches.get_or_create(&self.labels).inc();
-                }
                 _ => {}
             }
+        }
+        if sla_breaches > 0 {
+            w.sla_breaches
+                .get_or_create(&self.labels)
+                .inc_by(sla_breaches as u64);
         }
     }
 
@@ -900,14 +969,11 @@ impl Worker {
     /// audit records of one commit travel in one message (a JSON array, in
     /// chain order): one stored write instead of one per record.
     async fn publish_outbox(&self, inst: &Instance) -> Result<(), Error> {
-        if inst.outbox.is_empty() {
+        if inst.outbox.is_empty() && inst.audit_batch.is_none() {
             return Ok(());
         }
         let js = self.js();
-        let prefix = format!(
-            "{}/{}/{}",
-            self.names.namespace, self.names.workflow, inst.key
-        );
+        let prefix = self.msg_prefix(&inst.key);
         let now = Utc::now();
         let mut acks = Vec::with_capacity(4);
         let send =
@@ -915,6 +981,14 @@ impl Worker {
                 (subject, message(&msg_id, payload, headers))
             };
         let mut messages = Vec::with_capacity(4);
+        if let Some(batch) = &inst.audit_batch {
+            let payload = Bytes::copy_from_slice(batch.records.get().as_bytes());
+            messages.push((
+                self.names.audit_subject(),
+                Publish::build().message_id(&batch.msg_id).payload(payload),
+            ));
+        }
+        // Records not sealed into a batch (stored by an earlier version).
         let audits: Vec<&tallyman_core::audit::AuditRecord> = inst
             .outbox
             .iter()
@@ -986,6 +1060,11 @@ impl Worker {
             ack.await.map_err(|e| Error::Publish(e.to_string()))?;
         }
         Ok(())
+    }
+
+    /// The start of every message id of instance `key`.
+    fn msg_prefix(&self, key: &str) -> String {
+        format!("{}/{}/{key}", self.names.namespace, self.names.workflow)
     }
 
     /// A timer as a message: to the due subject when it is due now, else a

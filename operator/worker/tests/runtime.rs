@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::*;
 use tallyman_api::v1alpha1::{CaseDecision, CaseState, Verdict};
 use tallyman_core::audit;
-use tallyman_core::engine::Status;
+use tallyman_core::engine::{Outbound, Status};
 
 const NS: &str = "finance";
 
@@ -83,6 +83,99 @@ async fn orders_become_exactly_one_invoice_each_despite_duplicates_and_disorder(
     assert_eq!(
         (counts.running(), counts.failed, counts.exceptions),
         (0, 0, 0)
+    );
+}
+
+/// A replica that does not hold an instance in memory creates it without
+/// reading first; when it exists already (another replica, or an event sent
+/// again after the broker's deduplication window), the replica reads it and
+/// the instance's record of applied events absorbs the repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "ORD-1", 5, "0.10");
+    let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    publish(&js, NS, "order.created", "o-1", &order_data("ORD-1")).await;
+    let stats = first.worker.stats.clone();
+    wait_for(
+        "the order to start an instance",
+        Duration::from_secs(10),
+        || stats.started.load(Ordering::Relaxed) == 1,
+    )
+    .await;
+    // The stored state carries the commit's audit records as the message
+    // that publishes them, so a crash before the publish loses none.
+    let stored = first.worker.instance("ORD-1").await.unwrap().unwrap();
+    let batch = stored.audit_batch.expect("the audit records are stored");
+    assert_eq!(batch.msg_id, "finance/shipment-to-invoice/ORD-1/audit/1-2");
+    let records: Vec<audit::AuditRecord> = serde_json::from_str(batch.records.get()).unwrap();
+    assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2]);
+    assert!(
+        stored
+            .outbox
+            .iter()
+            .all(|o| !matches!(o, Outbound::Audit(_)))
+    );
+    first.shutdown().await;
+
+    // A new replica: nothing in memory.
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let stats = run.worker.stats.clone();
+    publish_again(&js, NS, "order.created", "o-1", &order_data("ORD-1")).await;
+    wait_for("the repeat to be absorbed", Duration::from_secs(10), || {
+        stats.duplicates.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        stats.started.load(Ordering::Relaxed),
+        0,
+        "not a new instance"
+    );
+    assert!(
+        stats.conflicts.load(Ordering::Relaxed) >= 1,
+        "the create met the stored instance"
+    );
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-1",
+        &shipment_data("ORD-1", 5),
+    )
+    .await;
+    wait_for("the instance to complete", Duration::from_secs(10), || {
+        stats.completed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    // Ended instances are not kept in memory: the repeat is read and absorbed.
+    publish_again(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-1",
+        &shipment_data("ORD-1", 5),
+    )
+    .await;
+    publish_again(&js, NS, "order.created", "o-1", &order_data("ORD-1")).await;
+    wait_for(
+        "both repeats to be absorbed",
+        Duration::from_secs(10),
+        || stats.duplicates.load(Ordering::Relaxed) == 3,
+    )
+    .await;
+    assert_eq!(env.erp.invoice_count(), 1);
+    run.shutdown().await;
+    let records = audit_of(&env.nats.url(), NS, "ORD-1").await;
+    let report = audit::verify(&records);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(records.first().map(|r| r.seq), Some(1));
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.kind == audit::AuditKind::InstanceStarted)
+            .count(),
+        1
     );
 }
 

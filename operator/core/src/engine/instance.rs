@@ -167,6 +167,26 @@ pub struct Instance {
     /// Why the instance ended, when it did not complete.
     pub outcome: Option<String>,
     pub outbox: Vec<Outbound>,
+    /// The audit records of the outbox as the one message that carries
+    /// them, see [`Instance::seal_audits`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_batch: Option<AuditBatch>,
+}
+
+/// The audit records of one commit as the message that publishes them: a
+/// JSON array in chain order, written once, stored with the instance as it
+/// is and published byte for byte.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditBatch {
+    pub msg_id: String,
+    pub records: Box<serde_json::value::RawValue>,
+}
+
+impl PartialEq for AuditBatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.msg_id == other.msg_id && self.records.get() == other.records.get()
+    }
 }
 
 impl Instance {
@@ -194,7 +214,38 @@ impl Instance {
             audit_hash: GENESIS.to_string(),
             outcome: None,
             outbox: Vec::new(),
+            audit_batch: None,
         }
+    }
+
+    /// Forget the outbox of the last commit (it is published) before the
+    /// next input.
+    pub fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.audit_batch = None;
+    }
+
+    /// Move the outbox's audit records into one [`AuditBatch`] with the
+    /// message id `<id_prefix>/audit/<first seq>-<last seq>`, so they are
+    /// serialized once for the store and the audit stream together.
+    pub fn seal_audits(&mut self, id_prefix: &str) -> Result<(), serde_json::Error> {
+        let mut records = Vec::new();
+        for item in std::mem::take(&mut self.outbox) {
+            match item {
+                Outbound::Audit(r) => records.push(r),
+                other => self.outbox.push(other),
+            }
+        }
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return Ok(());
+        };
+        let msg_id = format!("{id_prefix}/audit/{}-{}", first.seq, last.seq);
+        let json = serde_json::to_string(&records)?;
+        self.audit_batch = Some(AuditBatch {
+            msg_id,
+            records: serde_json::value::RawValue::from_string(json)?,
+        });
+        Ok(())
     }
 
     /// Whether an event with this [`dedup_key`] was applied already.

@@ -98,18 +98,22 @@ pub struct Machine<'a> {
     now: DateTime<Utc>,
     /// Parsed event data, responses and variables, reused across the
     /// expressions of one apply instead of parsed per expression.
-    cache: std::cell::RefCell<EnvCache>,
+    cache: std::cell::RefCell<Values>,
     /// Steps that ran to completion in this apply, with how long each took
     /// (the worker's `step_duration` metric; calls are timed by the worker).
     timings: std::cell::RefCell<Vec<(usize, std::time::Duration)>>,
 }
 
-/// Values in the evaluator's shared form: cloning one is a reference count,
-/// so every expression of an apply reads the same parsed data.
+/// An instance's event data, responses and variables parsed into the
+/// evaluator's shared form (cloning one is a reference count), so every
+/// expression of an apply reads the same parsed data. A worker keeps them
+/// with an instance it holds in memory ([`Machine::with_values`]), so the
+/// next input parses only what is new. Each entry is checked against the
+/// instance's JSON text before use: a stale entry is parsed again.
 #[derive(Default)]
-struct EnvCache {
-    /// Event type → (event id, value).
-    events: std::collections::HashMap<String, (String, Val)>,
+pub struct Values {
+    /// Event type → (the event, its value).
+    events: std::collections::HashMap<String, (Event, Val)>,
     /// Step name → (response text, `{"response": value}`).
     responses: std::collections::HashMap<String, (String, Val)>,
     /// Variable name → (JSON text, value).
@@ -145,12 +149,23 @@ type Step<T> = Result<T, EvalError>;
 
 impl<'a> Machine<'a> {
     pub fn new(def: &'a Compiled, now: DateTime<Utc>) -> Self {
+        Self::with_values(def, now, Values::default())
+    }
+
+    /// A machine that starts from values parsed by an earlier machine of
+    /// the same instance (see [`Values`]).
+    pub fn with_values(def: &'a Compiled, now: DateTime<Utc>, values: Values) -> Self {
         Self {
             def,
             now,
-            cache: Default::default(),
+            cache: std::cell::RefCell::new(values),
             timings: Default::default(),
         }
+    }
+
+    /// The parsed values, for the next machine of the same instance.
+    pub fn into_values(self) -> Values {
+        self.cache.into_inner()
     }
 
     /// The steps this machine executed since the last call, by name, with
@@ -500,9 +515,20 @@ impl<'a> Machine<'a> {
                     let env = self.vars(inst)?;
                     let mut values = Vec::new();
                     for (name, program) in vars {
-                        values.push((name.clone(), to_json(program, &program.evaluate(&env)?)?));
+                        let value = program.evaluate(&env)?;
+                        values.push((name.clone(), to_json(program, &value)?, value));
                     }
-                    inst.vars.extend(values);
+                    let mut cache = self.cache.borrow_mut();
+                    for (name, text, value) in values {
+                        // The next expression reads the value, not its text.
+                        if let Evaluated::Fast(v) = value
+                            && v.json_stable()
+                        {
+                            cache.vars.insert(name.clone(), (text.clone(), v));
+                        }
+                        inst.vars.insert(name, text);
+                    }
+                    drop(cache);
                     self.complete_step(inst, serde_json::json!({}));
                 }
                 CKind::Wait { for_, until } => {
@@ -597,11 +623,17 @@ impl<'a> Machine<'a> {
             CallResult::Response {
                 status, attempts, ..
             } => {
-                let response =
-                    json::to_string(&response_value(&result)?).map_err(|e| EvalError {
-                        expression: name.clone(),
-                        message: e.0,
-                    })?;
+                let value = response_val(&result);
+                let response = value.to_json().map_err(|e| EvalError {
+                    expression: name.clone(),
+                    message: e.0,
+                })?;
+                if value.json_stable() {
+                    self.cache.borrow_mut().responses.insert(
+                        name.clone(),
+                        (response.clone(), Val::map([("response", value)])),
+                    );
+                }
                 inst.responses.insert(name.clone(), response);
                 self.audit(
                     inst,
@@ -1005,14 +1037,14 @@ impl<'a> Machine<'a> {
         let mut events = Vec::with_capacity(inst.events.len());
         for (t, ev) in &inst.events {
             let value = match cache.events.get(t) {
-                Some((id, v)) if *id == ev.id => v.clone(),
+                Some((seen, v)) if seen == ev => v.clone(),
                 _ => {
                     let data = json::parse_fast(ev.data.as_bytes()).map_err(|e| EvalError {
                         expression: "event data".into(),
                         message: e.0,
                     })?;
                     let v = event_value(ev, data);
-                    cache.events.insert(t.clone(), (ev.id.clone(), v.clone()));
+                    cache.events.insert(t.clone(), (ev.clone(), v.clone()));
                     v
                 }
             };
@@ -1070,6 +1102,33 @@ fn event_value(ev: &Event, data: Val) -> Val {
         ("source", Val::str(&ev.source)),
         ("time", Val::str(&ev.time)),
         ("data", data),
+    ])
+}
+
+/// `{status, headers, body}` in the shared form; a body that is not JSON
+/// stays a string.
+fn response_val(result: &CallResult) -> Val {
+    let CallResult::Response {
+        status,
+        headers,
+        body,
+        ..
+    } = result
+    else {
+        return Val::Null;
+    };
+    let body = if body.trim().is_empty() {
+        Val::Null
+    } else {
+        json::parse_fast(body.as_bytes()).unwrap_or_else(|_| Val::str(body))
+    };
+    Val::map([
+        ("status", Val::Int(*status as i64)),
+        (
+            "headers",
+            Val::map(headers.iter().map(|(k, v)| (k.as_str(), Val::str(v)))),
+        ),
+        ("body", body),
     ])
 }
 

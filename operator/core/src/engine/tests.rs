@@ -487,3 +487,143 @@ fn a_lookup_without_an_answer_fails_the_call_instead_of_repeating_it() {
     let create = plan(m.apply(&mut inst, Input::LookupDone(not_there)));
     assert_eq!(create.action, "createCreditNote");
 }
+
+/// A response kept parsed in memory is the value its stored text reads as.
+#[test]
+fn a_response_in_memory_and_its_stored_text_agree() {
+    let bodies = [
+        r#"{"lines": [{"qty": 2, "unitPrice": "19.99"}, {"qty": 5, "unitPrice": 0.10}], "n": 1e2}"#,
+        "not json",
+        "  ",
+        "[1, 2.50, null]",
+    ];
+    for body in bodies {
+        let result = CallResult::Response {
+            status: 200,
+            headers: BTreeMap::from([("etag".to_string(), "\"v1\"".to_string())]),
+            body: body.into(),
+            attempts: 1,
+        };
+        let fast = response_val(&result).to_json().unwrap();
+        let cel = json::to_string(&response_value(&result).unwrap()).unwrap();
+        assert_eq!(fast, cel, "{body}");
+    }
+}
+
+/// Steps `order` → `invoice` of shipment-to-invoice, one machine per input
+/// as the worker runs them; `carry`: each machine starts from the values
+/// the previous one parsed.
+fn run_inputs(def: &Compiled, inputs: Vec<Input>, carry: bool) -> Instance {
+    let mut inst = Instance::new("4711", &def.revision, t0().timestamp_millis());
+    let mut values = Values::default();
+    for input in inputs {
+        let m = if carry {
+            Machine::with_values(def, t0(), std::mem::take(&mut values))
+        } else {
+            Machine::new(def, t0())
+        };
+        inst.clear_outbox();
+        let mut next = m.apply(&mut inst, input);
+        while let Next::Call(p) = next {
+            let result = if p.action == "getOrder" {
+                erp_order()
+            } else {
+                invoice_created()
+            };
+            next = m.apply(&mut inst, Input::CallDone(result));
+        }
+        values = m.into_values();
+    }
+    inst
+}
+
+/// A value parsed for one event, response or variable is not read for
+/// another that replaced it.
+#[test]
+fn carried_values_are_checked_against_the_instance() {
+    use crate::cel::{Program, Scope};
+    let def = compiled("shipment-to-invoice");
+    let read = Program::compile(
+        "[events['shipment.confirmed'].data.shipmentId, steps.order.response.body.n, vars.v]",
+        Scope::Step,
+    )
+    .unwrap();
+    let mut inst = Instance::new("4711", &def.revision, t0().timestamp_millis());
+    let mut values = Values::default();
+    for n in 1..=3 {
+        let Input::Event(mut ev) = shipment(5) else {
+            unreachable!()
+        };
+        ev.data = ev.data.replace("SH-9", &format!("SH-{n}"));
+        inst.events.insert(ev.type_.clone(), ev);
+        inst.responses.insert(
+            "order".into(),
+            format!(r#"{{"body":{{"n":{n}}},"headers":{{}},"status":200}}"#),
+        );
+        inst.vars.insert("v".into(), format!("{n}.5"));
+        let m = Machine::with_values(&def, t0(), std::mem::take(&mut values));
+        let got = read.eval(&m.vars(&inst).unwrap()).unwrap();
+        assert_eq!(
+            json::to_string(&got).unwrap(),
+            format!(r#"["SH-{n}",{n},{n}.5]"#)
+        );
+        values = m.into_values();
+    }
+}
+
+#[test]
+fn values_carried_between_inputs_change_nothing() {
+    let def = compiled("shipment-to-invoice");
+    // The second shipment event replaces the first (same type, new data):
+    // a value parsed from the first must not be read for it.
+    let second = event(
+        "s-2",
+        "shipment.confirmed",
+        r#"{"orderId": "4711", "shipmentId": "SH-10", "warehouse": "HAM", "confirmedBy": "x",
+            "lines": [{"sku": "A", "qty": 2}, {"sku": "B", "qty": 5}]}"#,
+    );
+    let inputs = || vec![shipment(3), second.clone(), order_created()];
+    let fresh = run_inputs(&def, inputs(), false);
+    let carried = run_inputs(&def, inputs(), true);
+    assert_eq!(
+        serde_json::to_string(&fresh).unwrap(),
+        serde_json::to_string(&carried).unwrap()
+    );
+    assert_eq!(carried.status, Status::Completed);
+    assert!(carried.responses["invoice"].contains("INV-1"));
+    assert!(emits(&carried)[0].1.contains(r#""shipmentId":"SH-10""#));
+}
+
+#[test]
+fn sealing_moves_the_audit_records_into_one_message_written_once() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, t0().timestamp_millis());
+    m.apply(&mut inst, order_created());
+    let records = audits(&inst);
+    assert!(records.len() >= 2);
+    let others = inst.outbox.len() - records.len();
+    inst.seal_audits("finance/shipment-to-invoice/4711")
+        .unwrap();
+    let batch = inst.audit_batch.clone().unwrap();
+    assert_eq!(
+        batch.msg_id,
+        format!(
+            "finance/shipment-to-invoice/4711/audit/1-{}",
+            records.last().unwrap().seq
+        )
+    );
+    let sealed: Vec<AuditRecord> = serde_json::from_str(batch.records.get()).unwrap();
+    assert_eq!(sealed, records, "every record, in chain order");
+    assert!(audits(&inst).is_empty());
+    assert_eq!(inst.outbox.len(), others, "the wake-up stays");
+    // Stored and read back as it is.
+    let text = serde_json::to_string(&inst).unwrap();
+    let back: Instance = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, inst);
+    assert!(text.contains(r#""auditBatch":{"msgId""#));
+    // Nothing to seal: no batch.
+    inst.clear_outbox();
+    inst.seal_audits("x").unwrap();
+    assert_eq!(inst.audit_batch, None);
+}

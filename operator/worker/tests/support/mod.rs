@@ -122,6 +122,19 @@ pub async fn publish(js: &jetstream::Context, ns: &str, ty: &str, id: &str, data
     .expect("acked");
 }
 
+/// The same event sent again after the broker's deduplication window:
+/// without a `Nats-Msg-Id`, so only the instance can tell it applied it.
+pub async fn publish_again(js: &jetstream::Context, ns: &str, ty: &str, id: &str, data: &str) {
+    let payload = format!(
+        r#"{{"id":"{id}","type":"{ty}","source":"test","time":"2026-11-26T09:00:00Z","data":{data}}}"#
+    );
+    js.publish(format!("tallyman.{ns}.events.{ty}"), Bytes::from(payload))
+        .await
+        .expect("publish")
+        .await
+        .expect("acked");
+}
+
 pub fn order_data(order: &str) -> String {
     format!(r#"{{"orderId":"{order}","customerId":"C-{order}","channel":"web"}}"#)
 }

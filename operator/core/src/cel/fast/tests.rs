@@ -730,3 +730,45 @@ fn payloads_parse_the_same_in_both_forms() {
     });
     assert!(Val::from_value(&m).is_none());
 }
+
+/// `json_stable` says exactly when a value kept in memory reads the same
+/// as its JSON text parsed again (the worker keeps parsed values of an
+/// instance only then).
+#[test]
+fn json_stable_means_the_text_parses_back_to_the_same_value() {
+    use chrono::TimeZone;
+    use rust_decimal::Decimal;
+    let ts = chrono::Utc
+        .with_ymd_and_hms(2026, 11, 26, 9, 0, 0)
+        .unwrap()
+        .fixed_offset();
+    let scalars = [
+        Val::Null,
+        Val::Bool(true),
+        Val::Int(-7),
+        Val::UInt(3),
+        Val::UInt(u64::MAX),
+        Val::Dec(Decimal::new(1999, 2)),
+        Val::Dec(Decimal::new(2, 0)),
+        Val::Dec(Decimal::new(20, 1)),
+        Val::Dec(Decimal::new(-1, 3)),
+        Val::Double(0.5),
+        Val::Str("a \"quoted\" é".into()),
+        Val::Timestamp(ts),
+    ];
+    let mut values: Vec<Val> = scalars.to_vec();
+    for s in &scalars {
+        values.push(Val::List(Arc::new(vec![Val::Int(1), s.clone()])));
+        values.push(Val::map([("a", Val::Str("x".into())), ("b", s.clone())]));
+    }
+    let mut stable = 0;
+    for v in &values {
+        let text = v.to_json().unwrap();
+        let back = json::parse_fast(text.as_bytes()).unwrap();
+        let same = format!("{back:?}") == format!("{v:?}");
+        assert_eq!(v.json_stable(), same, "{v:?} -> {text} -> {back:?}");
+        stable += same as usize;
+    }
+    // Both answers occur, so the test tells them apart.
+    assert!(stable > 0 && stable < values.len());
+}

@@ -132,6 +132,22 @@ impl Val {
         })
     }
 
+    /// Whether parsing [`Val::to_json`]'s text gives this value back, so a
+    /// value kept in memory reads the same as its stored text after a
+    /// restart. Not so for doubles and timestamps, a decimal without a
+    /// fraction (its text reads as an integer) or an unsigned integer
+    /// that fits a signed one.
+    pub fn json_stable(&self) -> bool {
+        match self {
+            Val::Null | Val::Bool(_) | Val::Int(_) | Val::Str(_) => true,
+            Val::UInt(u) => *u > i64::MAX as u64,
+            Val::Dec(d) => d.scale() > 0,
+            Val::Double(_) | Val::Timestamp(_) => false,
+            Val::List(items) => items.iter().all(Val::json_stable),
+            Val::Map(m) => m.iter().all(|(_, v)| v.json_stable()),
+        }
+    }
+
     /// JSON text, exactly as `json::to_string` writes the CEL value.
     pub fn to_json(&self) -> Result<String, json::JsonError> {
         let mut out = String::new();
