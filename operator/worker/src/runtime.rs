@@ -460,7 +460,8 @@ impl Worker {
                 r#type: ev.type_.clone(),
             })
             .inc();
-        let key = match Machine::correlate(&self.current, &ev) {
+        let mut parsed = Values::default();
+        let key = match Machine::correlate_into(&self.current, &ev, &mut parsed) {
             Ok(k) => k,
             Err(e) => {
                 self.poison(&msg, &format!("event {} does not correlate: {e}", ev.id))
@@ -470,7 +471,7 @@ impl Worker {
         };
         let heartbeat_msg = Arc::new(msg);
         match self
-            .process(&key, Input::Event(ev), Some(heartbeat_msg.clone()))
+            .process_parsed(&key, Input::Event(ev), Some(heartbeat_msg.clone()), parsed)
             .await
         {
             Ok(()) => {
@@ -523,6 +524,19 @@ impl Worker {
         input: Input,
         msg: Option<Arc<jetstream::Message>>,
     ) -> Result<(), Error> {
+        self.process_parsed(key, input, msg, Values::default())
+            .await
+    }
+
+    /// [`Worker::process`] with values parsed already (the event's data,
+    /// parsed to correlate it).
+    async fn process_parsed(
+        &self,
+        key: &str,
+        input: Input,
+        msg: Option<Arc<jetstream::Message>>,
+        parsed: Values,
+    ) -> Result<(), Error> {
         let lock = self
             .locks
             .lock()
@@ -542,7 +556,7 @@ impl Worker {
         );
         let result = async {
             let _serial = lock.lock().await;
-            self.process_locked(key, input, msg).await
+            self.process_locked(key, input, msg, parsed).await
         }
         .instrument(span)
         .await;
@@ -559,6 +573,7 @@ impl Worker {
         key: &str,
         input: Input,
         msg: Option<Arc<jetstream::Message>>,
+        mut parsed: Values,
     ) -> Result<(), Error> {
         let kv_key = kv_key(key);
         // An event for an instance this process does not hold is most often
@@ -572,14 +587,19 @@ impl Worker {
             // message for this key waiting until it is put back.
             let cached = self.cache.lock().expect("cache lock").remove(key);
             let mut probed = None;
-            let mut values = Values::default();
+            let mut values = std::mem::take(&mut parsed);
             let (mut inst, revision) = match cached {
-                Some(held) => {
+                Some(mut held) => {
+                    held.values.merge(values);
                     values = held.values;
                     (held.inst, Some(held.revision))
                 }
                 None => {
-                    let machine = Machine::new(&self.current, Utc::now());
+                    let machine = Machine::with_values(
+                        &self.current,
+                        Utc::now(),
+                        std::mem::take(&mut values),
+                    );
                     let mut fresh =
                         Instance::new(key, &self.current.revision, Utc::now().timestamp_millis());
                     let first = assume_new.then(|| machine.apply(&mut fresh, input.clone()));
@@ -588,7 +608,11 @@ impl Worker {
                         _ => self.load(key, &kv_key).await?,
                     };
                     match stored {
-                        Some((inst, rev)) => (inst, Some(rev)),
+                        Some((inst, rev)) => {
+                            // Entries are checked against the stored instance.
+                            values = machine.into_values();
+                            (inst, Some(rev))
+                        }
                         // Only an event starts an instance.
                         None if !matches!(input, Input::Event(_)) => return Ok(()),
                         None => {

@@ -240,10 +240,9 @@ impl Instance {
             return Ok(());
         };
         let msg_id = format!("{id_prefix}/audit/{}-{}", first.seq, last.seq);
-        let json = serde_json::to_string(&records)?;
         self.audit_batch = Some(AuditBatch {
             msg_id,
-            records: serde_json::value::RawValue::from_string(json)?,
+            records: serde_json::value::to_raw_value(&records)?,
         });
         Ok(())
     }

@@ -120,6 +120,15 @@ pub struct Values {
     vars: std::collections::HashMap<String, (String, Val)>,
 }
 
+impl Values {
+    /// Add `other`'s entries, replacing those of the same name.
+    pub fn merge(&mut self, other: Values) {
+        self.events.extend(other.events);
+        self.responses.extend(other.responses);
+        self.vars.extend(other.vars);
+    }
+}
+
 /// The parsed value of `text`, from `cache` when `tag` (the text itself or
 /// an id that identifies it) is unchanged.
 fn cached(
@@ -1086,12 +1095,25 @@ impl<'a> Machine<'a> {
 
     /// The instance key an event belongs to.
     pub fn correlate(def: &Compiled, ev: &Event) -> Result<String, EvalError> {
+        Self::correlate_into(def, ev, &mut Values::default())
+    }
+
+    /// [`Machine::correlate`], keeping the parsed event in `values` for the
+    /// machine that applies it.
+    pub fn correlate_into(
+        def: &Compiled,
+        ev: &Event,
+        values: &mut Values,
+    ) -> Result<String, EvalError> {
         let data = json::parse_fast(ev.data.as_bytes()).map_err(|e| EvalError {
             expression: def.correlate.source().to_string(),
             message: format!("event data is not JSON: {}", e.0),
         })?;
-        let vars = Vars::new().with_fast("event", event_value(ev, data));
-        def.correlate.eval_key(&vars)
+        let value = event_value(ev, data);
+        let vars = Vars::new().with_fast("event", value.clone());
+        let key = def.correlate.eval_key(&vars)?;
+        values.events.insert(ev.type_.clone(), (ev.clone(), value));
+        Ok(key)
     }
 }
 

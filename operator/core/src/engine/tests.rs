@@ -518,6 +518,15 @@ fn run_inputs(def: &Compiled, inputs: Vec<Input>, carry: bool) -> Instance {
     let mut values = Values::default();
     for input in inputs {
         let m = if carry {
+            // As the worker does: the event parsed to correlate it is reused.
+            if let Input::Event(ev) = &input {
+                let mut parsed = Values::default();
+                assert_eq!(
+                    Machine::correlate_into(def, ev, &mut parsed).unwrap(),
+                    "4711"
+                );
+                values.merge(parsed);
+            }
             Machine::with_values(def, t0(), std::mem::take(&mut values))
         } else {
             Machine::new(def, t0())
