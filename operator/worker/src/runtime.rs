@@ -587,6 +587,8 @@ impl Worker {
             // message for this key waiting until it is put back.
             let cached = self.cache.lock().expect("cache lock").remove(key);
             let mut probed = None;
+            // Whether the instance is assumed new without having read it.
+            let mut unread = false;
             let mut values = std::mem::take(&mut parsed);
             let (mut inst, revision) = match cached {
                 Some(mut held) => {
@@ -604,7 +606,10 @@ impl Worker {
                         Instance::new(key, &self.current.revision, Utc::now().timestamp_millis());
                     let first = assume_new.then(|| machine.apply(&mut fresh, input.clone()));
                     let stored = match first {
-                        Some(Next::Idle) => None,
+                        Some(Next::Idle) => {
+                            unread = true;
+                            None
+                        }
                         _ => self.load(key, &kv_key).await?,
                     };
                     match stored {
@@ -746,6 +751,20 @@ impl Worker {
                     .handles
                     .instances
                     .update(&kv_key, bytes, rev)
+                    .await
+                    .map_err(|e| {
+                        (
+                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
+                            e.to_string(),
+                        )
+                    }),
+                // Unread: revision 0 (no entry yet) fails at once when one
+                // exists, where `create` would read it first to tell a
+                // deleted entry from a live one.
+                None if unread => self
+                    .handles
+                    .instances
+                    .update(&kv_key, bytes, 0)
                     .await
                     .map_err(|e| {
                         (
