@@ -15,6 +15,7 @@ pub mod calls;
 pub mod cases;
 pub mod counts;
 pub mod gateway;
+pub mod held;
 pub mod names;
 mod runtime;
 pub mod setup;

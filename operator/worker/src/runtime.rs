@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use crate::cases::{CaseRecord, CaseStore, KubeCases, KvCases};
 use crate::counts::{self, Counts};
+use crate::held::{Held, HeldInstances};
 use crate::names::{Names, kv_key};
 use crate::setup::{self, Handles};
 use crate::{Caller, Error};
@@ -45,6 +46,9 @@ pub struct WorkerConfig {
     pub ack_wait: Duration,
     /// Where exception cases live.
     pub cases: CaseBackend,
+    /// Memory for running instances held between their inputs (estimated;
+    /// see [`crate::held`]).
+    pub instance_cache_bytes: usize,
 }
 
 /// Where a worker keeps its exception cases.
@@ -104,7 +108,7 @@ pub struct Worker {
     /// The last stored revision and state of recently seen running
     /// instances, so a write needs no read unless another replica wrote in
     /// between, with their parsed values for the next input.
-    cache: Mutex<HashMap<String, Held>>,
+    cache: Mutex<HeldInstances>,
     /// One lock per instance key being processed, so two messages for the
     /// same instance in this process go one after the other instead of
     /// racing into a compare-and-set conflict (and repeating their calls).
@@ -145,14 +149,6 @@ struct TimerMsg {
     case: Option<String>,
 }
 
-/// A running instance this process holds in memory.
-struct Held {
-    revision: u64,
-    inst: Instance,
-    values: Values,
-}
-
-const CACHE_LIMIT: usize = 200_000;
 /// How often a replica adds its counts to the shared counters.
 const COUNTS_FLUSH: Duration = Duration::from_secs(1);
 /// How often, at most, the Workflow's `status.instances` is written.
@@ -235,7 +231,7 @@ impl Worker {
             handles,
             cases,
             caller: config.caller,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HeldInstances::new(config.instance_cache_bytes)),
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
             flushed: tokio::sync::Mutex::new(Counts::default()),
@@ -585,7 +581,7 @@ impl Worker {
         for _ in 0..CAS_ATTEMPTS {
             // Taken out, not copied: the instance lock keeps every other
             // message for this key waiting until it is put back.
-            let cached = self.cache.lock().expect("cache lock").remove(key);
+            let cached = self.cache.lock().expect("cache lock").take(key);
             let mut probed = None;
             // Whether the instance is assumed new without having read it.
             let mut unread = false;
@@ -746,6 +742,7 @@ impl Worker {
                 .map_err(|e| Error::Store(e.to_string()))?;
             let bytes =
                 Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
+            let stored = bytes.len();
             let written = match revision {
                 Some(rev) => self
                     .handles
@@ -787,11 +784,8 @@ impl Worker {
             match written {
                 Ok(new_revision) => {
                     self.count(&inst, new, was_running, sla_breaches);
-                    if let Err(e) = self.publish_outbox(&inst).await {
-                        self.cache.lock().expect("cache lock").remove(key);
-                        return Err(e);
-                    }
-                    self.remember(key, new_revision, inst, machine.into_values());
+                    self.publish_outbox(&inst).await?;
+                    self.remember(key, new_revision, inst, machine.into_values(), stored);
                     return Ok(());
                 }
                 Err((true, _)) => {
@@ -802,7 +796,6 @@ impl Worker {
                         .cas_conflicts
                         .get_or_create(&self.labels)
                         .inc();
-                    self.cache.lock().expect("cache lock").remove(key);
                     debug!(key, "instance changed under us; retrying");
                     continue;
                 }
@@ -834,23 +827,27 @@ impl Worker {
     /// Keep a stored instance for its next message. Ended instances are
     /// not kept (a late duplicate reads the store), nor is an outbox that
     /// is already published.
-    fn remember(&self, key: &str, revision: u64, mut inst: Instance, values: Values) {
+    fn remember(
+        &self,
+        key: &str,
+        revision: u64,
+        mut inst: Instance,
+        values: Values,
+        stored: usize,
+    ) {
         if !inst.is_running() {
             return;
         }
         inst.clear_outbox();
-        let mut cache = self.cache.lock().expect("cache lock");
-        if cache.len() >= CACHE_LIMIT {
-            cache.clear();
-        }
-        cache.insert(
-            key.to_string(),
-            Held {
-                revision,
-                inst,
-                values,
-            },
-        );
+        self.cache
+            .lock()
+            .expect("cache lock")
+            .put(key.to_string(), Held::new(revision, inst, values, stored));
+    }
+
+    /// Running instances held in memory and their estimated size in bytes.
+    pub fn held(&self) -> (usize, usize) {
+        self.cache.lock().expect("cache lock").usage()
     }
 
     /// One call, timed for `tallyman_worker_call_duration_seconds`; `once`:

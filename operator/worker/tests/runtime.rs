@@ -179,6 +179,79 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
     );
 }
 
+/// Waiting instances are held in memory within the budget; with no room
+/// at all every input reads the store, with the same results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_held_in_memory_stay_within_the_budget() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let roomy = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let n = 10;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        seed_order(&env.erp, &order, 5, "0.10");
+        publish(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+    }
+    let stats = roomy.worker.stats.clone();
+    wait_for("every instance to start", Duration::from_secs(10), || {
+        stats.started.load(Ordering::Relaxed) == n
+    })
+    .await;
+    let (held, bytes) = roomy.worker.held();
+    assert_eq!(held, n as usize, "every waiting instance is held");
+    assert!(bytes > 0);
+    roomy.shutdown().await;
+
+    let tight = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.instance_cache_bytes = 1,
+    )
+    .await;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        publish(
+            &js,
+            NS,
+            "shipment.confirmed",
+            &format!("s-{i}"),
+            &shipment_data(&order, 5),
+        )
+        .await;
+        // Sent again after the broker's window: the stored instance says so.
+        publish_again(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+    }
+    let stats = tight.worker.stats.clone();
+    wait_for(
+        "every instance to complete",
+        Duration::from_secs(20),
+        || {
+            stats.completed.load(Ordering::Relaxed) == n
+                && stats.duplicates.load(Ordering::Relaxed) == n
+        },
+    )
+    .await;
+    assert_eq!(tight.worker.held(), (0, 0));
+    assert_eq!(env.erp.invoice_count(), n as usize);
+    tight.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;

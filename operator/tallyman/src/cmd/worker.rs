@@ -53,6 +53,10 @@ pub struct Args {
     /// NATS connections in the pool.
     #[arg(long, default_value_t = 4)]
     connections: usize,
+    /// Memory for running instances held between their inputs, estimated,
+    /// in MiB; instances beyond it are read from the store when needed.
+    #[arg(long, value_name = "MIB", default_value_t = tallyman_worker::held::DEFAULT_BUDGET >> 20)]
+    instance_cache_mib: usize,
     /// How long before an unacknowledged message goes to another replica (e.g. 30s).
     #[arg(long, default_value = "30s")]
     ack_wait: tallyman_api::v1alpha1::Duration,
@@ -164,6 +168,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         metrics,
         ack_wait: args.ack_wait.as_std(),
         cases,
+        instance_cache_bytes: args.instance_cache_mib.saturating_mul(1 << 20),
     })
     .await?;
     ready.set_ready(true);

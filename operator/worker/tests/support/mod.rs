@@ -82,23 +82,35 @@ pub async fn start_with(
     erp: &str,
     cases: tallyman_worker::CaseBackend,
 ) -> Running {
+    start_tuned(nats, def, secrets, erp, |c| c.cases = cases).await
+}
+
+/// [`start`] with the configuration changed by `tune`.
+pub async fn start_tuned(
+    nats: &str,
+    def: &Definition,
+    secrets: &StaticSecrets,
+    erp: &str,
+    tune: impl FnOnce(&mut WorkerConfig),
+) -> Running {
     let urls: BTreeMap<String, String> = def
         .connectors
         .keys()
         .map(|k| (k.clone(), erp.to_string()))
         .collect();
     let caller = RestCaller::new(def, secrets, &urls).expect("rest clients");
-    let worker = Worker::new(WorkerConfig {
+    let mut config = WorkerConfig {
         clients: vec![connect(nats).await, connect(nats).await],
         definition: def.clone(),
         caller: Arc::new(caller),
         max_in_flight: 64,
         metrics: Arc::new(tallyman_telemetry::Metrics::new()),
         ack_wait: tallyman_worker::ACK_WAIT,
-        cases,
-    })
-    .await
-    .expect("worker starts");
+        cases: tallyman_worker::CaseBackend::JetStream,
+        instance_cache_bytes: tallyman_worker::held::DEFAULT_BUDGET,
+    };
+    tune(&mut config);
+    let worker = Worker::new(config).await.expect("worker starts");
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(worker.clone().run(rx));
     Running { worker, stop, task }

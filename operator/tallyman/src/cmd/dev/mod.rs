@@ -179,6 +179,7 @@ async fn serve(
             metrics: metrics.clone(),
             ack_wait: ACK_WAIT,
             cases: tallyman_worker::CaseBackend::JetStream,
+            instance_cache_bytes: tallyman_worker::held::DEFAULT_BUDGET,
         })
         .await
         .with_context(|| format!("failed to start the worker of {}/{}", r.namespace, r.name))?;
