@@ -78,7 +78,8 @@ impl HeldInstances {
             return;
         }
         while self.bytes + held.size > self.budget || self.map.len() >= MAX_INSTANCES {
-            let mut keep = false;
+            // Every other one, starting with the first: a single one goes too.
+            let mut keep = true;
             self.map.retain(|_, _| {
                 keep = !keep;
                 keep
@@ -130,6 +131,15 @@ mod tests {
         // The newest is always held; older ones made room.
         assert!(h.take("k99").is_some());
         assert!(h.usage().0 < 100);
+    }
+
+    #[test]
+    fn room_is_made_even_when_only_one_is_held() {
+        let mut h = HeldInstances::new(100);
+        h.put("a".into(), held(15));
+        h.put("b".into(), held(15));
+        assert!(h.take("a").is_none());
+        assert_eq!(h.usage(), (1, 60));
     }
 
     #[test]
