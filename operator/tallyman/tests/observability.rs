@@ -95,6 +95,9 @@ async fn health_readiness_metrics_and_a_poison_message() {
         r#"tallyman_worker_instances_started_total{namespace="finance",workflow="shipment-to-invoice"} 3"#,
         r#"tallyman_worker_instances_ended_total{namespace="finance",workflow="shipment-to-invoice",outcome="completed"} 3"#,
         r#"tallyman_worker_events_received_total{namespace="finance",workflow="shipment-to-invoice",type="shipment.confirmed"} 3"#,
+        // Sampled every 5 s, so the value depends on when: present is enough.
+        r#"tallyman_worker_held_instances{namespace="finance",workflow="shipment-to-invoice"} "#,
+        r#"tallyman_worker_held_instance_bytes{namespace="finance",workflow="shipment-to-invoice"} "#,
     ] {
         assert!(metrics.contains(line), "missing {line} in\n{metrics}");
     }

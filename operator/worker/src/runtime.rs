@@ -328,7 +328,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Consumer lag for `tallyman_worker_consumer_pending`.
     /// Add what this process counted since the last flush to the shared
     /// counters; the new totals, or `None` when there was nothing to add.
     async fn flush_counts(&self) -> Result<Option<Counts>, Error> {
@@ -404,6 +403,8 @@ impl Worker {
         }
     }
 
+    /// Every 5 s: the consumer's lag (`tallyman_worker_consumer_pending`)
+    /// and the instances held in memory (`tallyman_worker_held_*`).
     async fn watch_lag(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
         let mut consumer = self.handles.events.clone();
         loop {
@@ -414,6 +415,14 @@ impl Worker {
                     .get_or_create(&self.labels)
                     .set(info.num_pending as i64);
             }
+            let (held, bytes) = self.held();
+            let w = &self.metrics.worker;
+            w.held_instances
+                .get_or_create(&self.labels)
+                .set(held as i64);
+            w.held_instance_bytes
+                .get_or_create(&self.labels)
+                .set(bytes as i64);
             tokio::select! {
                 _ = shutdown.changed() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -787,6 +796,15 @@ impl Worker {
                     self.publish_outbox(&inst).await?;
                     self.remember(key, new_revision, inst, machine.into_values(), stored);
                     return Ok(());
+                }
+                // Assumed new, but stored already: read it. Not a race (a
+                // replica not holding an instance meets it this way, e.g.
+                // the second event of an order on the other replica), so
+                // not counted as a conflict.
+                Err((true, _)) if unread => {
+                    assume_new = false;
+                    debug!(key, "instance exists; reading it");
+                    continue;
                 }
                 Err((true, _)) => {
                     assume_new = false;

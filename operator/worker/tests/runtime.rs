@@ -132,10 +132,8 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
         0,
         "not a new instance"
     );
-    assert!(
-        stats.conflicts.load(Ordering::Relaxed) >= 1,
-        "the create met the stored instance"
-    );
+    // Meeting the stored instance is no race: nothing for the conflicts alert.
+    assert_eq!(stats.conflicts.load(Ordering::Relaxed), 0);
     publish(
         &js,
         NS,

@@ -34,6 +34,10 @@ pub struct WorkerMetrics {
     pub cas_conflicts: Family<WorkflowLabels, Counter>,
     /// Messages the durable consumer has not delivered yet (consumer lag).
     pub consumer_pending: Family<WorkflowLabels, Gauge>,
+    /// Running instances held in memory between their inputs.
+    pub held_instances: Family<WorkflowLabels, Gauge>,
+    /// Their estimated memory, within `--instance-cache-mib`.
+    pub held_instance_bytes: Family<WorkflowLabels, Gauge>,
     /// One message, fetch to ack.
     pub message_duration: HistogramFamily<WorkflowLabels>,
 }
@@ -92,6 +96,14 @@ impl WorkerMetrics {
             consumer_pending: r.gauge(
                 "tallyman_worker_consumer_pending",
                 "Messages on the stream not yet delivered to the worker's consumer",
+            ),
+            held_instances: r.gauge(
+                "tallyman_worker_held_instances",
+                "Running instances held in memory between their inputs",
+            ),
+            held_instance_bytes: r.gauge(
+                "tallyman_worker_held_instance_bytes",
+                "Estimated memory of the running instances held between their inputs",
             ),
             message_duration: r.seconds(
                 "tallyman_worker_message_duration",
