@@ -405,7 +405,7 @@ impl<'a> Machine<'a> {
                 let found = match (&result, &call.lookup) {
                     (CallResult::Response { .. }, Some(lookup)) => {
                         let mut vars = self.vars(inst)?;
-                        vars.set("response", response_value(&result)?);
+                        vars.set_fast("response", response_val(&result));
                         lookup.found.eval_bool(&vars)?
                     }
                     _ => false,
@@ -1152,33 +1152,6 @@ fn response_val(result: &CallResult) -> Val {
         ),
         ("body", body),
     ])
-}
-
-/// `{status, headers, body}`; a body that is not JSON stays a string.
-fn response_value(result: &CallResult) -> Step<Value> {
-    let CallResult::Response {
-        status,
-        headers,
-        body,
-        ..
-    } = result
-    else {
-        return Ok(Value::Null);
-    };
-    let body = if body.trim().is_empty() {
-        Value::Null
-    } else {
-        json::parse(body.as_bytes()).unwrap_or_else(|_| Value::String(Arc::new(body.clone())))
-    };
-    let headers: std::collections::HashMap<String, Value> = headers
-        .iter()
-        .map(|(k, v)| (k.clone(), Value::String(Arc::new(v.clone()))))
-        .collect();
-    Ok(Value::from(std::collections::HashMap::from([
-        ("status".to_string(), Value::Int(*status as i64)),
-        ("headers".to_string(), Value::from(headers)),
-        ("body".to_string(), body),
-    ])))
 }
 
 fn to_json(program: &Program, v: &Evaluated) -> Step<String> {
