@@ -166,21 +166,20 @@ pub fn build(
         mount_path: "/tmp".into(),
         ..Default::default()
     });
-    let mut container = pods::container(
-        "worker",
-        &settings.image,
-        vec![
-            "worker".into(),
-            "--definition".into(),
-            format!("{DEFINITION_DIR}/{DEFINITION_KEY}"),
-            "--secrets-dir".into(),
-            pods::SECRETS_DIR.into(),
-            // Cases become ExceptionCases, decided with `kubectl tallyman`.
-            "--cases".into(),
-            "kubernetes".into(),
-        ],
-        &settings.nats_url,
-    );
+    let mut args: Vec<String> = vec![
+        "worker".into(),
+        "--definition".into(),
+        format!("{DEFINITION_DIR}/{DEFINITION_KEY}"),
+        "--secrets-dir".into(),
+        pods::SECRETS_DIR.into(),
+        // Cases become ExceptionCases, decided with `kubectl tallyman`.
+        "--cases".into(),
+        "kubernetes".into(),
+    ];
+    if let Some(mib) = instance_cache_mib(wf) {
+        args.extend(["--instance-cache-mib".into(), mib.to_string()]);
+    }
+    let mut container = pods::container("worker", &settings.image, args, &settings.nats_url);
     container.resources = wf.spec.workers.resources.clone();
     container.volume_mounts = Some(mounts);
     let mut pod_labels = meta::labels("worker", &name);
@@ -239,6 +238,53 @@ pub fn build(
     })
 }
 
+/// With a memory limit on the worker container, half of it for the
+/// running instances a worker holds between their inputs (the worker's
+/// own default otherwise).
+fn instance_cache_mib(wf: &Workflow) -> Option<u64> {
+    let limit = wf
+        .spec
+        .workers
+        .resources
+        .as_ref()?
+        .limits
+        .as_ref()?
+        .get("memory")?;
+    let bytes = quantity_bytes(&limit.0)?;
+    Some((bytes / 2 / (1 << 20)).max(1))
+}
+
+/// A Kubernetes quantity (`512Mi`, `1G`, `1.5Gi`, `268435456`, `1e9`) in
+/// bytes, rounded down; `None` when it is not one.
+fn quantity_bytes(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let split = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let factor = match suffix {
+        "" => 1.0,
+        "Ki" => 1024f64,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "m" => 1e-3,
+        exp if exp.starts_with(['e', 'E']) => 10f64.powi(exp[1..].parse().ok()?),
+        _ => return None,
+    };
+    let bytes = number * factor;
+    (bytes.is_finite() && bytes >= 0.0).then_some(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +305,44 @@ mod tests {
         let def = validate(&wf, &set.connectors, &set.policies).unwrap();
         let children = build(&wf, &def, &settings(), "h0").unwrap();
         (wf, def, children)
+    }
+
+    #[test]
+    fn held_instances_get_half_the_memory_limit_or_the_worker_default() {
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let (mut wf, _, _) = built("shipment-to-invoice");
+        let set_limit = |wf: &mut Workflow, q: Option<&str>| {
+            let resources = wf
+                .spec
+                .workers
+                .resources
+                .get_or_insert_with(Default::default);
+            resources.limits = q.map(|q| BTreeMap::from([("memory".into(), Quantity(q.into()))]));
+        };
+        for (limit, mib) in [
+            (Some("1Gi"), Some(512)),
+            (Some("1G"), Some(476)),
+            (Some("1.5Gi"), Some(768)),
+            (Some("268435456"), Some(128)),
+            (Some("1e9"), Some(476)),
+            (Some("1Mi"), Some(1)),
+            (Some("lots"), None),
+            (None, None),
+        ] {
+            set_limit(&mut wf, limit);
+            assert_eq!(instance_cache_mib(&wf), mib, "{limit:?}");
+        }
+        wf.spec.workers.resources = None;
+        assert_eq!(instance_cache_mib(&wf), None);
+        let set = fixtures::example("shipment-to-invoice");
+        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
+        let children = build(&wf, &def, &settings(), "h0").unwrap();
+        let pod = children.deployment.spec.unwrap().template.spec.unwrap();
+        let args = pod.containers[0].args.clone().unwrap();
+        assert!(
+            !args.iter().any(|a| a == "--instance-cache-mib"),
+            "{args:?}"
+        );
     }
 
     #[test]
@@ -303,7 +387,10 @@ mod tests {
                 "--secrets-dir",
                 "/var/run/tallyman/secrets",
                 "--cases",
-                "kubernetes"
+                "kubernetes",
+                // Half of the example's 256Mi limit.
+                "--instance-cache-mib",
+                "128"
             ]
         );
         assert_eq!(container.resources, wf.spec.workers.resources);
