@@ -7,6 +7,7 @@
 //! ```text
 //! cargo bench -p tallyman --bench shipment_to_invoice                 # both worker counts, max rate
 //! BENCH_WORKERS=1 BENCH_ORDERS=20000 BENCH_RATE=1500 cargo bench ...  # paced, for latency
+//! BENCH_CONNECTIONS=2 ...                                               # NATS connections per worker (4)
 //! ```
 //!
 //! Prints instances/s, p50/p99 latency (second event published → the
@@ -82,7 +83,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
                 "--max-in-flight",
                 "256",
                 "--connections",
-                "4",
+                &env_usize("BENCH_CONNECTIONS", 4).to_string(),
             ])
             .arg("--manifests")
             .arg(&dir)
