@@ -16,7 +16,7 @@ use sha2_free::short_id;
 use tallyman_core::audit::AuditKind;
 use tallyman_core::engine::{
     CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
-    Values,
+    Values, id_prefix,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -1122,7 +1122,7 @@ impl Worker {
 
     /// The start of every message id of instance `key`.
     fn msg_prefix(&self, key: &str) -> String {
-        format!("{}/{}/{key}", self.names.namespace, self.names.workflow)
+        id_prefix(&self.names.namespace, &self.names.workflow, key)
     }
 
     /// A timer as a message: to the due subject when it is due now, else a

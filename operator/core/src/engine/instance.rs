@@ -36,6 +36,12 @@ pub struct Event {
     pub data: String,
 }
 
+/// `<namespace>/<workflow>/<key>`: the prefix of every identity an
+/// instance produces (message ids of its emits, audit batches, timers).
+pub fn id_prefix(namespace: &str, workflow: &str, key: &str) -> String {
+    format!("{namespace}/{workflow}/{key}")
+}
+
 /// The identity under which an event is deduplicated, by the broker
 /// (`Nats-Msg-Id`) and by the instance: its `id` within its `source`, as
 /// CloudEvents defines identity. Two systems may well use the same id for

@@ -1005,13 +1005,8 @@ impl<'a> Machine<'a> {
         inst.outbox.push(Outbound::Audit(Box::new(record)));
     }
 
-    /// `<namespace>/<workflow>/<key>`: the prefix of every identity this
-    /// instance produces.
     fn id_prefix(&self, inst: &Instance) -> String {
-        format!(
-            "{}/{}/{}",
-            self.def.def.namespace, self.def.def.workflow, inst.key
-        )
+        id_prefix(&self.def.def.namespace, &self.def.def.workflow, &inst.key)
     }
 
     /// A DNS-subdomain name for a new case: workflow, key, step, counter.
