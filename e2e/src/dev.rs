@@ -214,6 +214,14 @@ impl DevMode {
         );
         (output.status.success(), text)
     }
+
+    /// The end of a scenario: every audit chain of `namespace` verifies,
+    /// then dev mode stops cleanly.
+    pub fn verify_and_stop(&mut self, namespace: &str) {
+        let (verified, report) = self.audit_verify(namespace);
+        assert!(verified, "{report}");
+        self.stop();
+    }
 }
 
 impl Drop for DevMode {

@@ -24,7 +24,9 @@ pub use api::DevApi;
 pub use dev::DevMode;
 pub use senders::Senders;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use tallyman_testing::erp::SimErp;
 
 /// The workspace root (the e2e crate sits one level below it).
 pub fn workspace() -> PathBuf {
@@ -32,6 +34,26 @@ pub fn workspace() -> PathBuf {
         .parent()
         .expect("e2e/ lives in the workspace root")
         .to_path_buf()
+}
+
+/// An example in dev mode (state under `state`) against a fresh simulated
+/// ERP that the example's `connector` is pointed at; `secure` first makes
+/// the ERP ask for the credentials the example's Secret holds.
+pub async fn start_example(
+    workflow: &str,
+    state: &Path,
+    connector: &str,
+    secure: impl FnOnce(&SimErp),
+) -> (SimErp, DevMode, DevApi, Senders) {
+    let erp = SimErp::start().await;
+    secure(&erp);
+    let dev = DevMode::start(dev::DevOptions::example(
+        workflow,
+        state,
+        &[(connector, &erp.base_url())],
+    ));
+    let (api, senders) = (dev.api(), dev.senders());
+    (erp, dev, api, senders)
 }
 
 /// An example's manifest directory, e.g. `example("shipment-to-invoice")`.

@@ -5,10 +5,9 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use tallyman_e2e::dev::{DevMode, DevOptions, tallyman_bin};
+use tallyman_e2e::dev::tallyman_bin;
 use tallyman_e2e::shipment::{Batch, amount};
-use tallyman_e2e::{example, workspace};
-use tallyman_testing::erp::SimErp;
+use tallyman_e2e::{example, start_example, workspace};
 
 const WF: &str = "shipment-to-invoice";
 
@@ -102,13 +101,7 @@ fn a_connector_url_for_an_unknown_connector_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cases_approve_and_reject_work_from_the_terminal() {
     let state = tempfile::tempdir().unwrap();
-    let erp = SimErp::start().await;
-    let mut dev = DevMode::start(DevOptions::example(
-        WF,
-        state.path(),
-        &[("erp", &erp.base_url())],
-    ));
-    let (api, senders) = (dev.api(), dev.senders());
+    let (erp, mut dev, api, senders) = start_example(WF, state.path(), "erp", |_| {}).await;
     let s = Batch::new().needs_approval;
     s.seed(&erp);
     senders.send("shop", &s.order_created()).await;

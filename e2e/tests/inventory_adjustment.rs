@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use tallyman_e2e::dev::{DevMode, DevOptions};
+use tallyman_e2e::dev::DevMode;
 use tallyman_e2e::inventory::Adjustment;
 use tallyman_e2e::money::{money, quoted, raw_objects};
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders};
+use tallyman_e2e::{DevApi, Senders, start_example};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -18,16 +18,11 @@ const WF: &str = "inventory-adjustment";
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
-    let erp = SimErp::start().await;
     // erp-ledger sends the API key of the erp-ledger-api-key Secret.
-    erp.require_api_key("X-API-Key", "dummy-erp-ledger-api-key-change-me");
-    let dev = DevMode::start(DevOptions::example(
-        WF,
-        state.path(),
-        &[("erp-ledger", &erp.base_url())],
-    ));
-    let (api, senders) = (dev.api(), dev.senders());
-    (erp, dev, api, senders)
+    start_example(WF, state.path(), "erp-ledger", |erp| {
+        erp.require_api_key("X-API-Key", "dummy-erp-ledger-api-key-change-me")
+    })
+    .await
 }
 
 /// Exactly one posting per adjustment, in its warehouse, with its default
@@ -269,9 +264,7 @@ async fn adjustments_are_posted_at_their_exact_value_and_large_ones_follow_the_p
     assert_eq!(erp.stock_adjustments().len(), 7);
     assert_eq!(erp.duplicates_prevented(), 0);
 
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,7 +349,5 @@ async fn rejected_adjustments_and_refused_postings_never_reach_the_books_and_a_l
     // took its onFailure route instead of opening a CallFailed case.
     assert_eq!(counts.exceptions, 1);
 
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }

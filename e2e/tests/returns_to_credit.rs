@@ -5,11 +5,11 @@
 
 use std::time::Duration;
 
-use tallyman_e2e::dev::{DevMode, DevOptions};
+use tallyman_e2e::dev::DevMode;
 use tallyman_e2e::money::{money, quoted, raw_objects};
 use tallyman_e2e::returns::Return;
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders};
+use tallyman_e2e::{DevApi, Senders, start_example};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -17,16 +17,11 @@ const WF: &str = "returns-to-credit";
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
-    let erp = SimErp::start().await;
     // erp-sales authenticates with basic auth from erp-sales-credentials.
-    erp.require_basic("svc-tallyman", "dummy-erp-sales-password-change-me");
-    let dev = DevMode::start(DevOptions::example(
-        WF,
-        state.path(),
-        &[("erp-sales", &erp.base_url())],
-    ));
-    let (api, senders) = (dev.api(), dev.senders());
-    (erp, dev, api, senders)
+    start_example(WF, state.path(), "erp-sales", |erp| {
+        erp.require_basic("svc-tallyman", "dummy-erp-sales-password-change-me")
+    })
+    .await
 }
 
 /// Exactly one credit note per credited return: its reference, order,
@@ -274,9 +269,7 @@ async fn returns_are_credited_by_grade_to_the_cent_and_damaged_goods_follow_the_
     // Prices come from the ERP's sales order, once per return that arrived.
     assert_eq!(erp.requests("/sales-orders/"), all.len());
 
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,9 +350,7 @@ async fn a_refused_credit_books_nothing_and_a_large_one_needs_the_finance_rule()
     assert_credited(&erp, &[&large]);
     assert_not_credited(&erp, &refused);
     assert_eq!(erp.credit_notes().len(), 1);
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,7 +395,5 @@ async fn a_credit_note_booked_but_unanswered_is_found_by_its_reference_not_booke
     assert_eq!(posts, 1, "one POST, its answer lost; no second");
     assert_eq!(lookups, vec![404, 200], "a lookup before each attempt");
     assert_eq!(counts.exceptions, 0);
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }

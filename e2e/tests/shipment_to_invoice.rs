@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
-use tallyman_e2e::dev::{DevMode, DevOptions};
+use tallyman_e2e::dev::DevMode;
 use tallyman_e2e::senders::Delivery;
 use tallyman_e2e::shipment::{Batch, Shipment, amount};
-use tallyman_e2e::{DevApi, Senders};
+use tallyman_e2e::{DevApi, Senders, start_example};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -15,15 +15,10 @@ const WF: &str = "shipment-to-invoice";
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
-    let erp = SimErp::start().await;
-    erp.require_bearer("dummy-erp-bearer-token-change-me");
-    let dev = DevMode::start(DevOptions::example(
-        WF,
-        state.path(),
-        &[("erp", &erp.base_url())],
-    ));
-    let (api, senders) = (dev.api(), dev.senders());
-    (erp, dev, api, senders)
+    start_example(WF, state.path(), "erp", |erp| {
+        erp.require_bearer("dummy-erp-bearer-token-change-me")
+    })
+    .await
 }
 
 /// Exactly one invoice per order, for the shipped quantities at the ERP's
@@ -209,9 +204,7 @@ async fn the_batch_is_invoiced_exactly_and_exceptions_follow_the_policy() {
             .iter()
             .all(|d| d.str_field("orderId").as_deref() != Some("4790"))
     );
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,9 +268,7 @@ async fn a_restart_of_dev_mode_mid_run_loses_and_repeats_nothing() {
     assert_eq!((counts.running, counts.failed), (0, 0));
     assert_invoiced(&erp, &expected);
     assert_eq!(erp.invoice_count(), expected.len());
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,11 +9,11 @@
 
 use std::time::Duration;
 
-use tallyman_e2e::dev::{DevMode, DevOptions};
+use tallyman_e2e::dev::DevMode;
 use tallyman_e2e::money::money;
 use tallyman_e2e::purchasing::Purchase;
 use tallyman_e2e::senders::Delivery;
-use tallyman_e2e::{DevApi, Senders};
+use tallyman_e2e::{DevApi, Senders, start_example};
 use tallyman_testing::erp::SimErp;
 
 const NS: &str = "finance";
@@ -24,15 +24,10 @@ const CLIENT_SECRET: &str = "dummy-payments-client-secret-change-me";
 const ACCESS_TOKEN: &str = "sim-payments-access-token";
 
 async fn start(state: &tempfile::TempDir) -> (SimErp, DevMode, DevApi, Senders) {
-    let erp = SimErp::start().await;
-    erp.enable_oauth2(CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN);
-    let dev = DevMode::start(DevOptions::example(
-        WF,
-        state.path(),
-        &[("payments", &erp.base_url())],
-    ));
-    let (api, senders) = (dev.api(), dev.senders());
-    (erp, dev, api, senders)
+    start_example(WF, state.path(), "payments", |erp| {
+        erp.enable_oauth2(CLIENT_ID, CLIENT_SECRET, ACCESS_TOKEN)
+    })
+    .await
 }
 
 async fn send_all(senders: &Senders, p: &Purchase) {
@@ -300,9 +295,7 @@ async fn matching_invoices_are_approved_for_payment_exactly_and_mismatches_follo
         erp.recent_requests()
     );
 
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -401,9 +394,7 @@ async fn large_mismatches_need_two_people_and_a_rejected_one_is_never_paid() {
     assert_paid(&erp, &[&large]);
     assert_unpaid(&erp, &extra_line);
     assert_eq!(erp.payment_approvals().len(), 1);
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -493,7 +484,5 @@ async fn a_half_approved_case_and_a_held_payment_survive_a_restart_of_dev_mode()
     assert_paid(&erp, &[&large, &dollars]);
     assert_eq!(erp.payment_approvals().len(), 2);
     assert_unpaid(&erp, &not_yet_due);
-    let (verified, report) = dev.audit_verify(NS);
-    assert!(verified, "{report}");
-    dev.stop();
+    dev.verify_and_stop(NS);
 }
