@@ -110,6 +110,34 @@ impl DevApi {
         (response.status, value)
     }
 
+    /// [`DevApi::decide`] that must be taken (200); the case as answered.
+    pub async fn decided(
+        &self,
+        case: &str,
+        decision: &str,
+        approver: &str,
+        groups: &[&str],
+        comment: Option<&str>,
+    ) -> Value {
+        let (status, answer) = self.decide(case, decision, approver, groups, comment).await;
+        assert_eq!(status, 200, "{answer}");
+        answer
+    }
+
+    /// [`DevApi::decide`] that must be refused (403); the reason given.
+    pub async fn refused(
+        &self,
+        case: &str,
+        decision: &str,
+        approver: &str,
+        groups: &[&str],
+        comment: Option<&str>,
+    ) -> String {
+        let (status, answer) = self.decide(case, decision, approver, groups, comment).await;
+        assert_eq!(status, 403, "{answer}");
+        answer["detail"].as_str().unwrap().to_string()
+    }
+
     /// Polls `/dev/status` until `done` holds for the workflow's counters.
     ///
     /// # Panics
