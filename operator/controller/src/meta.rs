@@ -132,6 +132,36 @@ where
     Ok((written, Applied::Written))
 }
 
+/// Server-side apply `status` to `obj`'s status subresource with
+/// [`FIELD_MANAGER`].
+pub async fn apply_status<K, S>(client: &kube::Client, obj: &K, status: &S) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + Debug + DeserializeOwned,
+    K::DynamicType: Default,
+    S: Serialize,
+{
+    let dt = K::DynamicType::default();
+    let kind = K::kind(&dt).to_string();
+    let (ns, name) = (obj.namespace().unwrap_or_default(), obj.name_any());
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&dt),
+        "kind": kind,
+        "status": status,
+    });
+    Api::<K>::namespaced(client.clone(), &ns)
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::Status {
+            what: format!("{kind} {ns}/{name}"),
+            source,
+        })?;
+    Ok(())
+}
+
 /// Delete `name` if it exists.
 pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
 where

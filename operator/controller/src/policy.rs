@@ -5,17 +5,15 @@
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tallyman_api::v1alpha1::{ApprovalPolicy, ApprovalPolicyStatus};
 
 use crate::conditions::{self, READY, REASON_INVALID_SPEC, REASON_RECONCILED};
 use crate::context::{Context, key_of};
 use crate::error::Error;
-use crate::meta::FIELD_MANAGER;
+use crate::meta;
 use crate::validation::{self, as_manifest};
 
 pub const CONTROLLER: &str = "approvalpolicy";
@@ -65,26 +63,9 @@ pub async fn reconcile(p: Arc<ApprovalPolicy>, ctx: Arc<Context>) -> Result<Acti
         let new = status(&p, &errors, &conditions::now());
         let old = p.status.clone().unwrap_or_default();
         if new != old {
-            let ns = p
-                .namespace()
+            p.namespace()
                 .ok_or(Error::Incomplete("metadata.namespace"))?;
-            let name = p.name_any();
-            let patch = json!({
-                "apiVersion": ApprovalPolicy::api_version(&()),
-                "kind": ApprovalPolicy::kind(&()),
-                "status": new,
-            });
-            Api::<ApprovalPolicy>::namespaced(ctx.client.clone(), &ns)
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
-                .await
-                .map_err(|source| Error::Status {
-                    what: format!("ApprovalPolicy {ns}/{name}"),
-                    source,
-                })?;
+            meta::apply_status(&ctx.client, p.as_ref(), &new).await?;
             let before = conditions::get(&old.conditions, READY);
             if let Some(after) = conditions::get(&new.conditions, READY)
                 && before.is_none_or(|b| b.status != after.status)

@@ -11,17 +11,16 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
-use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tallyman_api::v1alpha1::{Connector, ConnectorStatus};
 
 use crate::conditions::{self, REACHABLE, READY};
 use crate::context::{Context, key_of};
 use crate::error::Error;
-use crate::meta::{self, FIELD_MANAGER};
+use crate::meta;
 use crate::validation::{self, as_manifest};
 use crate::workflow::RESYNC;
 
@@ -110,24 +109,7 @@ async fn update_status(c: &Connector, ctx: &Context, status: ConnectorStatus) ->
     if old == status {
         return Ok(());
     }
-    let ns = c.namespace().unwrap_or_default();
-    let name = c.name_any();
-    let patch = json!({
-        "apiVersion": Connector::api_version(&()),
-        "kind": Connector::kind(&()),
-        "status": status,
-    });
-    Api::<Connector>::namespaced(ctx.client.clone(), &ns)
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::Status {
-            what: format!("Connector {ns}/{name}"),
-            source,
-        })?;
+    meta::apply_status(&ctx.client, c, &status).await?;
     for type_ in [READY, REACHABLE] {
         let before = conditions::get(&old.conditions, type_);
         if let Some(after) = conditions::get(&status.conditions, type_)

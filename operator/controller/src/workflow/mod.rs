@@ -24,19 +24,19 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::ObjectRef;
-use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tallyman_api::v1alpha1::{Step, Workflow, WorkflowSpec, WorkflowStatus};
 
 use crate::conditions::{self, READY};
 use crate::context::{Context, key_of};
 use crate::error::{Error, from_finalizer};
-use crate::meta::{self, FIELD_MANAGER};
+use crate::meta;
 
 /// Guards the JetStream objects of a Workflow: removed before the Workflow goes.
 pub const FINALIZER: &str = "tallyman.dev/jetstream";
@@ -185,24 +185,7 @@ async fn update_status(wf: &Workflow, ctx: &Context, status: WorkflowStatus) -> 
     if old == status {
         return Ok(());
     }
-    let ns = wf.namespace().unwrap_or_default();
-    let name = wf.name_any();
-    let api: Api<Workflow> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({
-        "apiVersion": Workflow::api_version(&()),
-        "kind": Workflow::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|source| Error::Status {
-        what: format!("Workflow {ns}/{name}"),
-        source,
-    })?;
+    meta::apply_status(&ctx.client, wf, &status).await?;
     let before = conditions::get(&old.conditions, READY);
     let after = conditions::get(&status.conditions, READY);
     if let Some(after) = after
