@@ -4,8 +4,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, PodSecurityContext, Probe,
-    SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    HTTPGetAction, PodSecurityContext, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tallyman_api::v1alpha1::ConnectorSpec;
@@ -119,6 +120,43 @@ pub fn secret_volumes(names: &BTreeSet<String>) -> (Vec<Volume>, Vec<VolumeMount
             )
         })
         .unzip()
+}
+
+/// A pod's volumes: its [`secret_volumes`], the ConfigMap `config_map`
+/// read-only at `dir` (volume `volume`), and an empty `/tmp` (the root
+/// filesystem is read-only; some libraries still want a /tmp).
+pub fn volumes(
+    secrets: &BTreeSet<String>,
+    volume: &str,
+    config_map: String,
+    dir: &str,
+) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let (mut volumes, mut mounts) = secret_volumes(secrets);
+    volumes.push(Volume {
+        name: volume.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: config_map,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: volume.into(),
+        mount_path: dir.into(),
+        read_only: Some(true),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    });
+    (volumes, mounts)
 }
 
 /// Non-root, no privilege escalation, no capabilities, read-only root

@@ -15,8 +15,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, ContainerPort, EmptyDirVolumeSource, PodSpec,
-    PodTemplateSpec, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ContainerPort, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -89,31 +88,7 @@ pub fn build(
     };
 
     let secrets = pods::secret_names(connectors.iter().map(|c| &c.spec));
-    let (mut volumes, mut mounts) = pods::secret_volumes(&secrets);
-    volumes.push(Volume {
-        name: "connectors".into(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: NAME.into(),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: "connectors".into(),
-        mount_path: CONNECTORS_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..Default::default()
-    });
+    let (volumes, mounts) = pods::volumes(&secrets, "connectors", NAME.into(), CONNECTORS_DIR);
     let mut container = pods::container(
         "gateway",
         &settings.image,

@@ -11,10 +11,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, EmptyDirVolumeSource, PodSpec, PodTemplateSpec,
-    ServiceAccount, Volume, VolumeMount,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, PodTemplateSpec, ServiceAccount};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -140,32 +137,12 @@ pub fn build(
 
     let selector = meta::selector("worker", &name);
     let secrets = pods::secret_names(def.connectors.values());
-    let (mut volumes, mut mounts) = pods::secret_volumes(&secrets);
-    volumes.push(Volume {
-        name: "definition".into(),
-        config_map: Some(ConfigMapVolumeSource {
-            name: definition_name(&name),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: "definition".into(),
-        mount_path: DEFINITION_DIR.into(),
-        read_only: Some(true),
-        ..Default::default()
-    });
-    // The root filesystem is read-only; some libraries still want a /tmp.
-    volumes.push(Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Default::default()
-    });
-    mounts.push(VolumeMount {
-        name: "tmp".into(),
-        mount_path: "/tmp".into(),
-        ..Default::default()
-    });
+    let (volumes, mounts) = pods::volumes(
+        &secrets,
+        "definition",
+        definition_name(&name),
+        DEFINITION_DIR,
+    );
     let mut args: Vec<String> = vec![
         "worker".into(),
         "--definition".into(),
