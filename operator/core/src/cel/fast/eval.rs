@@ -394,14 +394,24 @@ fn equal(a: &Val, b: &Val) -> bool {
 /// `cel::Value`'s `PartialEq`: numbers across int, uint and double;
 /// decimals only with decimals (as opaque values).
 fn value_eq(a: &Val, b: &Val) -> bool {
+    same(a, b, true)
+}
+
+/// The interpreter's equality of `in`: same type, then equal.
+fn strict_eq(a: &Val, b: &Val) -> bool {
+    same(a, b, false)
+}
+
+/// Equal values of the same type, and with `across_numbers` also equal
+/// numbers of int, uint and double.
+fn same(a: &Val, b: &Val, across_numbers: bool) -> bool {
+    let eq = |v: &Val, w: &Val| same(v, w, across_numbers);
     match (a, b) {
         (Val::Map(x), Val::Map(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| value_eq(v, w)))
+            x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| eq(v, w)))
         }
         (Val::List(x), Val::List(y)) => {
-            x.len() == y.len() && x.iter().zip(y.iter()).all(|(v, w)| value_eq(v, w))
+            x.len() == y.len() && x.iter().zip(y.iter()).all(|(v, w)| eq(v, w))
         }
         (Val::Int(x), Val::Int(y)) => x == y,
         (Val::UInt(x), Val::UInt(y)) => x == y,
@@ -410,36 +420,14 @@ fn value_eq(a: &Val, b: &Val) -> bool {
         (Val::Bool(x), Val::Bool(y)) => x == y,
         (Val::Null, Val::Null) => true,
         (Val::Timestamp(x), Val::Timestamp(y)) => x == y,
+        (Val::Dec(x), Val::Dec(y)) => x == y,
+        _ if !across_numbers => false,
         (Val::Int(x), Val::UInt(y)) => u64::try_from(*x).is_ok_and(|x| x == *y),
         (Val::UInt(x), Val::Int(y)) => i64::try_from(*x).is_ok_and(|x| x == *y),
         (Val::Int(x), Val::Double(y)) => (*x as f64) == *y,
         (Val::Double(x), Val::Int(y)) => *x == (*y as f64),
         (Val::UInt(x), Val::Double(y)) => (*x as f64) == *y,
         (Val::Double(x), Val::UInt(y)) => *x == (*y as f64),
-        (Val::Dec(x), Val::Dec(y)) => x == y,
-        _ => false,
-    }
-}
-
-/// The interpreter's equality of `in`: same type, then equal.
-fn strict_eq(a: &Val, b: &Val) -> bool {
-    match (a, b) {
-        (Val::Map(x), Val::Map(y)) => {
-            x.len() == y.len()
-                && x.iter()
-                    .all(|(k, v)| y.get(k).is_some_and(|w| strict_eq(v, w)))
-        }
-        (Val::List(x), Val::List(y)) => {
-            x.len() == y.len() && x.iter().zip(y.iter()).all(|(v, w)| strict_eq(v, w))
-        }
-        (Val::Int(x), Val::Int(y)) => x == y,
-        (Val::UInt(x), Val::UInt(y)) => x == y,
-        (Val::Double(x), Val::Double(y)) => x == y,
-        (Val::Str(x), Val::Str(y)) => x == y,
-        (Val::Bool(x), Val::Bool(y)) => x == y,
-        (Val::Null, Val::Null) => true,
-        (Val::Timestamp(x), Val::Timestamp(y)) => x == y,
-        (Val::Dec(x), Val::Dec(y)) => x == y,
         _ => false,
     }
 }
