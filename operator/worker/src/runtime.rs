@@ -13,7 +13,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
-use tallyman_core::audit::AuditKind;
 use tallyman_core::engine::{
     CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
     Values, id_prefix,
@@ -135,6 +134,28 @@ struct WireEvent<'a> {
     time: String,
     #[serde(borrow)]
     data: &'a serde_json::value::RawValue,
+}
+
+/// What the counters compare an input's result with.
+#[derive(Clone, Copy)]
+struct Before {
+    running: bool,
+    sla_breached: bool,
+}
+
+impl Before {
+    /// A new instance, before its first event.
+    const NEW: Before = Before {
+        running: true,
+        sla_breached: false,
+    };
+
+    fn of(inst: &Instance) -> Before {
+        Before {
+            running: inst.is_running(),
+            sla_breached: inst.sla_breached,
+        }
+    }
 }
 
 /// The payload of a timer message.
@@ -653,15 +674,15 @@ impl Worker {
                 Some(_) => self.current.clone(),
                 None => self.compiled(&inst.revision).await?,
             };
-            let (machine, was_running, mut next) = match probed {
+            let (machine, before, mut next) = match probed {
                 // A new instance, the event applied already.
-                Some((machine, next)) => (machine, true, next),
+                Some((machine, next)) => (machine, Before::NEW, next),
                 None => {
-                    let was_running = inst.is_running();
+                    let before = Before::of(&inst);
                     inst.clear_outbox();
                     let machine = Machine::with_values(&compiled, Utc::now(), values);
                     let next = machine.apply(&mut inst, input.clone());
-                    (machine, was_running, next)
+                    (machine, before, next)
                 }
             };
             // The lookup guarding the call about to be made, and the
@@ -742,11 +763,6 @@ impl Worker {
                 }
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
-            let sla_breaches = inst
-                .outbox
-                .iter()
-                .filter(|o| matches!(o, Outbound::Audit(r) if r.kind == AuditKind::SlaBreached))
-                .count();
             inst.seal_audits(&self.msg_prefix(key))
                 .map_err(|e| Error::Store(e.to_string()))?;
             let bytes =
@@ -792,7 +808,7 @@ impl Worker {
             };
             match written {
                 Ok(new_revision) => {
-                    self.count(&inst, new, was_running, sla_breaches);
+                    self.count(&inst, new, before);
                     self.publish_outbox(&inst).await?;
                     self.remember(key, new_revision, inst, machine.into_values(), stored);
                     return Ok(());
@@ -910,7 +926,7 @@ impl Worker {
         (result, retry_in)
     }
 
-    fn count(&self, inst: &Instance, new: bool, was_running: bool, sla_breaches: usize) {
+    fn count(&self, inst: &Instance, new: bool, before: Before) {
         use tallyman_core::engine::Status;
         let w = &self.metrics.worker;
         if new {
@@ -918,7 +934,7 @@ impl Worker {
             w.instances_started.get_or_create(&self.labels).inc();
             w.instances_running.get_or_create(&self.labels).inc();
         }
-        if was_running && !inst.is_running() {
+        if before.running && !inst.is_running() {
             let (c, outcome) = match inst.status {
                 Status::Completed => (&self.stats.completed, InstanceOutcome::Completed),
                 Status::Rejected => (&self.stats.rejected, InstanceOutcome::Rejected),
@@ -968,10 +984,8 @@ impl Worker {
                 _ => {}
             }
         }
-        if sla_breaches > 0 {
-            w.sla_breaches
-                .get_or_create(&self.labels)
-                .inc_by(sla_breaches as u64);
+        if inst.sla_breached && !before.sla_breached {
+            w.sla_breaches.get_or_create(&self.labels).inc();
         }
     }
 

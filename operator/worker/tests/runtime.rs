@@ -250,6 +250,64 @@ async fn instances_held_in_memory_stay_within_the_budget() {
     tight.shutdown().await;
 }
 
+/// A breached SLA is audited once and counted once, and the instance still
+/// completes when its shipment comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sla_breach_is_recorded_and_counted_once() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "SLOW", 5, "0.10");
+    let mut def = env.def.clone();
+    def.spec.sla.as_mut().unwrap().complete = "1s".parse().unwrap();
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    publish(&js, NS, "order.created", "o-slow", &order_data("SLOW")).await;
+    let labels = tallyman_telemetry::WorkflowLabels::new(NS, "shipment-to-invoice");
+    let breaches = || metrics.worker.sla_breaches.get_or_create(&labels).get();
+    wait_for("the SLA to be breached", Duration::from_secs(15), || {
+        breaches() == 1
+    })
+    .await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-slow",
+        &shipment_data("SLOW", 5),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for("the instance to complete", Duration::from_secs(10), || {
+        stats.completed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(breaches(), 1, "counted once");
+    assert!(
+        run.worker
+            .instance("SLOW")
+            .await
+            .unwrap()
+            .unwrap()
+            .sla_breached
+    );
+    run.shutdown().await;
+    let records = audit_of(&env.nats.url(), NS, "SLOW").await;
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.kind == audit::AuditKind::SlaBreached)
+            .count(),
+        1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;
