@@ -211,6 +211,28 @@ async fn run(workers: usize, orders: usize, rate: usize) {
         ids.len(),
         invoices.len() - ids.len(),
     );
+    // Each commit publishes one audit message; a commit that leaves an
+    // instance waiting schedules its wake-up.
+    let stored = |stream: &'static str| {
+        let js = js.clone();
+        async move {
+            let name = format!("TALLYMAN_{}_{stream}", NS.to_uppercase());
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .messages
+        }
+    };
+    let commits = stored("AUDIT").await;
+    println!(
+        "  commits={commits} ({:.2} per instance), wake-ups scheduled={}",
+        commits as f64 / orders as f64,
+        stored("TIMERS").await
+    );
     let me = usage(std::process::id());
     println!(
         "  bench process (load + ERP): cpu={:.1}s peak_rss={:.0}MiB",

@@ -22,7 +22,26 @@ async fn small_run() -> (NatsServer, jetstream::Context) {
     let worker = WorkerProcess::start(&nats.url(), &erp.base_url());
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let n = 3;
-    publish_orders(&js, &erp, n).await;
+    // Two commits per instance (events taken together would share one):
+    // the orders, then, once each is stored with its first records, the
+    // shipments.
+    publish_events(&js, &erp, n, &["order.created"]).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stored = match js.get_stream(AUDIT_STREAM).await {
+            Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.messages),
+            Err(_) => 0,
+        };
+        if stored >= n as u64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orders were not started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish_events(&js, &erp, n, &["shipment.confirmed"]).await;
     wait_all_completed(&js, n, Duration::from_secs(30)).await;
     assert_one_invoice_per_order(&erp, n);
     let status = worker.terminate(Duration::from_secs(10));

@@ -10,7 +10,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, kv, message::PublishMessage as Publish};
 use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, Utc};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
@@ -21,7 +21,7 @@ use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
     StatusClass, StepLabels, WorkflowLabels,
 };
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::cases::{CaseRecord, CaseStore, KubeCases, KvCases};
@@ -76,6 +76,8 @@ pub struct Stats {
     pub conflicts: AtomicU64,
     pub dead_letters: AtomicU64,
     pub timers: AtomicU64,
+    /// Events applied in the same commit as an earlier one of their instance.
+    pub coalesced: AtomicU64,
 }
 
 impl Stats {
@@ -175,6 +177,15 @@ const COUNTS_FLUSH: Duration = Duration::from_secs(1);
 /// How often, at most, the Workflow's `status.instances` is written.
 const COUNTS_PUBLISH: Duration = Duration::from_secs(5);
 const CAS_ATTEMPTS: usize = 32;
+
+/// One instance's events from one batch, applied in one commit.
+struct Group {
+    key: String,
+    inputs: Vec<Input>,
+    msgs: Vec<Arc<jetstream::Message>>,
+    permits: Vec<OwnedSemaphorePermit>,
+    parsed: Values,
+}
 
 mod sha2_free {
     /// A short, stable id for a timer token (schedule subjects need one token).
@@ -276,6 +287,13 @@ impl Worker {
         &self.cases
     }
 
+    /// At most this many event messages are taken from the consumer at
+    /// once: a quarter of the messages in flight, so a batch waits for a
+    /// few slots only.
+    fn max_batch(&self) -> usize {
+        (self.max_in_flight / 4).clamp(1, 64)
+    }
+
     fn js(&self) -> &jetstream::Context {
         let n = self.next_js.fetch_add(1, Ordering::Relaxed) as usize;
         &self.js[n % self.js.len()]
@@ -337,12 +355,36 @@ impl Worker {
                     continue;
                 }
             };
-            let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+            // What else has arrived goes along, so an instance's events that
+            // arrived together are applied in one commit. Taken before
+            // waiting for slots: while every slot is busy, the messages
+            // delivered meanwhile make one batch instead of one each.
+            let mut ready = vec![msg];
+            let mut ended = false;
+            while ready.len() < self.max_batch() {
+                match messages.next().now_or_never() {
+                    Some(Some(Ok(m))) => ready.push(m),
+                    Some(Some(Err(e))) => {
+                        warn!(error = %e, "event consumer error");
+                        break;
+                    }
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let mut batch = Vec::with_capacity(ready.len());
+            for m in ready {
+                let permit = slots.clone().acquire_owned().await.expect("semaphore open");
+                batch.push((m, permit));
+            }
             let this = self.clone();
-            tokio::spawn(async move {
-                this.handle_event(msg).await;
-                drop(permit);
-            });
+            tokio::spawn(this.handle_batch(batch));
+            if ended {
+                break;
+            }
         }
         // Graceful: wait for every message in flight to be stored and acked.
         let _ = slots.acquire_many(self.max_in_flight as u32).await;
@@ -451,18 +493,52 @@ impl Worker {
         }
     }
 
-    async fn handle_event(&self, msg: jetstream::Message) {
+    /// Decode and correlate a batch of event messages, then apply each
+    /// instance's events in one commit, instances side by side.
+    async fn handle_batch(self: Arc<Self>, batch: Vec<(jetstream::Message, OwnedSemaphorePermit)>) {
         let started = std::time::Instant::now();
-        self.handle_event_inner(msg).await;
-        self.metrics
-            .worker
-            .message_duration
-            .get_or_create(&self.labels)
-            .observe(started.elapsed().as_secs_f64());
+        let mut groups: Vec<Group> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for (msg, permit) in batch {
+            self.stats.events.fetch_add(1, Ordering::Relaxed);
+            let Some((key, ev, parsed)) = self.decode(&msg).await else {
+                continue;
+            };
+            let msg = Arc::new(msg);
+            match index.get(&key) {
+                Some(&i) => {
+                    let g = &mut groups[i];
+                    g.inputs.push(Input::Event(ev));
+                    g.msgs.push(msg);
+                    g.permits.push(permit);
+                    g.parsed.merge(parsed);
+                }
+                None => {
+                    index.insert(key.clone(), groups.len());
+                    groups.push(Group {
+                        key,
+                        inputs: vec![Input::Event(ev)],
+                        msgs: vec![msg],
+                        permits: vec![permit],
+                        parsed,
+                    });
+                }
+            }
+        }
+        let mut groups = groups.into_iter();
+        let last = groups.next_back();
+        for group in groups {
+            let this = self.clone();
+            tokio::spawn(async move { this.handle_group(group, started).await });
+        }
+        if let Some(group) = last {
+            self.handle_group(group, started).await;
+        }
     }
 
-    async fn handle_event_inner(&self, msg: jetstream::Message) {
-        self.stats.events.fetch_add(1, Ordering::Relaxed);
+    /// The event in `msg` and the key of its instance; `None` when it can
+    /// never be processed (it is dead-lettered).
+    async fn decode(&self, msg: &jetstream::Message) -> Option<(String, Event, Values)> {
         let ev = match serde_json::from_slice::<WireEvent>(&msg.payload) {
             Ok(w) => Event {
                 id: w.id,
@@ -472,9 +548,9 @@ impl Worker {
                 data: w.data.get().to_string(),
             },
             Err(e) => {
-                self.poison(&msg, &format!("not a canonical event: {e}"))
+                self.poison(msg, &format!("not a canonical event: {e}"))
                     .await;
-                return;
+                return None;
             }
         };
         self.metrics
@@ -487,31 +563,52 @@ impl Worker {
             })
             .inc();
         let mut parsed = Values::default();
-        let key = match Machine::correlate_into(&self.current, &ev, &mut parsed) {
-            Ok(k) => k,
+        match Machine::correlate_into(&self.current, &ev, &mut parsed) {
+            Ok(key) => Some((key, ev, parsed)),
             Err(e) => {
-                self.poison(&msg, &format!("event {} does not correlate: {e}", ev.id))
+                self.poison(msg, &format!("event {} does not correlate: {e}", ev.id))
                     .await;
-                return;
+                None
             }
-        };
-        let heartbeat_msg = Arc::new(msg);
-        match self
-            .process_parsed(&key, Input::Event(ev), Some(heartbeat_msg.clone()), parsed)
-            .await
-        {
+        }
+    }
+
+    /// Apply one instance's events, then ack them all, or, when they could
+    /// not be stored, have them all redelivered.
+    async fn handle_group(&self, group: Group, started: std::time::Instant) {
+        let Group {
+            key,
+            inputs,
+            msgs,
+            permits,
+            parsed,
+        } = group;
+        match self.process_parsed(&key, inputs, &msgs, parsed).await {
             Ok(()) => {
-                if let Err(e) = heartbeat_msg.ack().await {
-                    warn!(error = %e, "failed to ack an event");
+                for msg in &msgs {
+                    if let Err(e) = msg.ack().await {
+                        warn!(error = %e, "failed to ack an event");
+                    }
                 }
             }
             Err(e) => {
-                warn!(key, error = %e, "event not processed; it will be redelivered");
-                let _ = heartbeat_msg
-                    .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
-                    .await;
+                warn!(key, error = %e, "events not processed; they will be redelivered");
+                for msg in &msgs {
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
             }
         }
+        let duration = self
+            .metrics
+            .worker
+            .message_duration
+            .get_or_create(&self.labels);
+        for _ in &msgs {
+            duration.observe(started.elapsed().as_secs_f64());
+        }
+        drop(permits);
     }
 
     /// A message that can never be processed goes to the dead-letter subject
@@ -550,17 +647,18 @@ impl Worker {
         input: Input,
         msg: Option<Arc<jetstream::Message>>,
     ) -> Result<(), Error> {
-        self.process_parsed(key, input, msg, Values::default())
+        let msgs: Vec<_> = msg.into_iter().collect();
+        self.process_parsed(key, vec![input], &msgs, Values::default())
             .await
     }
 
-    /// [`Worker::process`] with values parsed already (the event's data,
-    /// parsed to correlate it).
+    /// [`Worker::process`] for inputs in order, applied in one commit, with
+    /// values parsed already (the events' data, parsed to correlate them).
     async fn process_parsed(
         &self,
         key: &str,
-        input: Input,
-        msg: Option<Arc<jetstream::Message>>,
+        inputs: Vec<Input>,
+        msgs: &[Arc<jetstream::Message>],
         parsed: Values,
     ) -> Result<(), Error> {
         let lock = self
@@ -575,14 +673,15 @@ impl Worker {
             namespace = %self.names.namespace,
             workflow = %self.names.workflow,
             key,
-            event = match &input {
-                Input::Event(e) => e.id.as_str(),
+            event = match inputs.first() {
+                Some(Input::Event(e)) => e.id.as_str(),
                 _ => "",
-            }
+            },
+            inputs = inputs.len(),
         );
         let result = async {
             let _serial = lock.lock().await;
-            self.process_locked(key, input, msg, parsed).await
+            self.process_locked(key, &inputs, msgs, parsed).await
         }
         .instrument(span)
         .await;
@@ -597,17 +696,32 @@ impl Worker {
     async fn process_locked(
         &self,
         key: &str,
-        input: Input,
-        msg: Option<Arc<jetstream::Message>>,
+        inputs: &[Input],
+        msgs: &[Arc<jetstream::Message>],
         mut parsed: Values,
     ) -> Result<(), Error> {
+        let Some(first_input) = inputs.first() else {
+            return Ok(());
+        };
         let kv_key = kv_key(key);
         // An event for an instance this process does not hold is most often
         // the first of a new instance: try to create it without reading
-        // first (one broker request less). Only when the event leaves the
-        // new instance idle, so nothing is called on that assumption; a
+        // first (one broker request less). Only for a lone event that leaves
+        // the new instance idle, so nothing is called on that assumption; a
         // conflict reads the stored instance and runs the event again.
-        let mut assume_new = matches!(input, Input::Event(_));
+        let mut assume_new = inputs.len() == 1 && matches!(first_input, Input::Event(_));
+        // Calls and their retries keep the messages they serve alive.
+        let heartbeat = {
+            let msgs = msgs.to_vec();
+            move || {
+                for m in &msgs {
+                    let m = Arc::clone(m);
+                    tokio::spawn(async move {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    });
+                }
+            }
+        };
         for _ in 0..CAS_ATTEMPTS {
             // Taken out, not copied: the instance lock keeps every other
             // message for this key waiting until it is put back.
@@ -630,7 +744,7 @@ impl Worker {
                     );
                     let mut fresh =
                         Instance::new(key, &self.current.revision, Utc::now().timestamp_millis());
-                    let first = assume_new.then(|| machine.apply(&mut fresh, input.clone()));
+                    let first = assume_new.then(|| machine.apply(&mut fresh, first_input.clone()));
                     let stored = match first {
                         Some(Next::Idle) => {
                             unread = true;
@@ -645,11 +759,11 @@ impl Worker {
                             (inst, Some(rev))
                         }
                         // Only an event starts an instance.
-                        None if !matches!(input, Input::Event(_)) => return Ok(()),
+                        None if !matches!(first_input, Input::Event(_)) => return Ok(()),
                         None => {
                             let next = match first {
                                 Some(next) => next,
-                                None => machine.apply(&mut fresh, input.clone()),
+                                None => machine.apply(&mut fresh, first_input.clone()),
                             };
                             probed = Some((machine, next));
                             (fresh, None)
@@ -658,109 +772,57 @@ impl Worker {
                 }
             };
             let new = revision.is_none();
-            if probed.is_none()
-                && let Input::Event(ev) = &input
-                && inst.has_applied(&ev.dedup_key())
-            {
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .worker
-                    .events_duplicate
-                    .get_or_create(&self.labels)
-                    .inc();
-                return Ok(());
-            }
             let compiled = match probed {
                 Some(_) => self.current.clone(),
                 None => self.compiled(&inst.revision).await?,
             };
-            let (machine, before, mut next) = match probed {
-                // A new instance, the event applied already.
-                Some((machine, next)) => (machine, Before::NEW, next),
+            // `first`: the first input's result when it is applied already
+            // (to a new instance).
+            let (mut machine, before, mut first) = match probed {
+                Some((machine, next)) => (machine, Before::NEW, Some(next)),
                 None => {
                     let before = Before::of(&inst);
                     inst.clear_outbox();
                     let machine = Machine::with_values(&compiled, Utc::now(), values);
-                    let next = machine.apply(&mut inst, input.clone());
-                    (machine, before, next)
+                    (machine, before, None)
                 }
             };
-            // The lookup guarding the call about to be made, and the
-            // attempts of that call so far: every retry looks up first.
-            let mut guard: Option<(CallPlan, u32)> = None;
             // Call steps' execution time: their calls, retries and lookups.
             let mut call_steps: Vec<(String, Duration)> = Vec::new();
-            loop {
-                let step_started = std::time::Instant::now();
-                let calling = match &next {
-                    Next::Call(plan) | Next::Lookup(plan) => Some(plan.step.clone()),
-                    Next::Idle => None,
-                };
-                let heartbeat = {
-                    let msg = msg.clone();
-                    move || {
-                        if let Some(m) = msg.clone() {
-                            tokio::spawn(async move {
-                                let _ = m.ack_with(AckKind::Progress).await;
-                            });
+            let mut applied = 0;
+            for input in inputs {
+                let next = match first.take() {
+                    Some(next) => next,
+                    None => {
+                        if let Input::Event(ev) = input
+                            && inst.has_applied(&ev.dedup_key())
+                        {
+                            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                            self.metrics
+                                .worker
+                                .events_duplicate
+                                .get_or_create(&self.labels)
+                                .inc();
+                            continue;
                         }
+                        machine.apply(&mut inst, input.clone())
                     }
                 };
-                next = match next {
-                    Next::Idle => break,
-                    Next::Call(plan) => match guard.take().filter(|(l, _)| l.step == plan.step) {
-                        None => {
-                            let (result, _) = self.timed_call(&plan, &heartbeat, false).await;
-                            machine.apply(&mut inst, Input::CallDone(result))
-                        }
-                        Some((lookup, attempts)) => {
-                            let (result, retry_in) = self.timed_call(&plan, &heartbeat, true).await;
-                            let attempts = attempts + 1;
-                            let retry = compiled
-                                .def
-                                .connectors
-                                .get(&plan.connector)
-                                .and_then(|c| c.rest.as_ref())
-                                .map(|r| r.retry.clone())
-                                .unwrap_or_default();
-                            match retry_in {
-                                Some(wait) if attempts < retry.max_attempts => {
-                                    heartbeat();
-                                    let wait = backoff(wait, attempts, retry.max_backoff.as_std());
-                                    tokio::time::sleep(wait).await;
-                                    heartbeat();
-                                    let (found, _) =
-                                        self.timed_call(&lookup, &heartbeat, false).await;
-                                    guard = Some((lookup, attempts));
-                                    machine.apply(&mut inst, Input::LookupDone(found))
-                                }
-                                Some(_) => machine.apply(
-                                    &mut inst,
-                                    Input::CallDone(CallResult::Failed {
-                                        message: format!(
-                                            "gave up after {attempts} attempts, each after a lookup that found nothing"
-                                        ),
-                                        status: None,
-                                        attempts,
-                                    }),
-                                ),
-                                None => machine.apply(&mut inst, Input::CallDone(result)),
-                            }
-                        }
-                    },
-                    Next::Lookup(plan) => {
-                        let (result, _) = self.timed_call(&plan, &heartbeat, false).await;
-                        guard = Some((plan, 0));
-                        machine.apply(&mut inst, Input::LookupDone(result))
-                    }
-                };
-                if let Some(step) = calling {
-                    let spent = step_started.elapsed();
-                    match call_steps.iter_mut().find(|(s, _)| *s == step) {
-                        Some((_, total)) => *total += spent,
-                        None => call_steps.push((step, spent)),
-                    }
-                }
+                applied += 1;
+                machine = self
+                    .run_calls(
+                        machine,
+                        &compiled,
+                        &mut inst,
+                        next,
+                        &heartbeat,
+                        &mut call_steps,
+                    )
+                    .await;
+            }
+            if applied == 0 {
+                // Nothing new: every event was applied before.
+                return Ok(());
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
             inst.seal_audits(&self.msg_prefix(key))
@@ -809,6 +871,15 @@ impl Worker {
             match written {
                 Ok(new_revision) => {
                     self.count(&inst, new, before);
+                    if applied > 1 {
+                        let more = applied as u64 - 1;
+                        self.stats.coalesced.fetch_add(more, Ordering::Relaxed);
+                        self.metrics
+                            .worker
+                            .events_coalesced
+                            .get_or_create(&self.labels)
+                            .inc_by(more);
+                    }
                     self.publish_outbox(&inst).await?;
                     self.remember(key, new_revision, inst, machine.into_values(), stored);
                     return Ok(());
@@ -841,6 +912,85 @@ impl Worker {
         Err(Error::Store(format!(
             "instance {key} kept changing; giving up for now"
         )))
+    }
+
+    /// Make the calls `next` asks for, and apply their results, until the
+    /// instance waits for its next input.
+    async fn run_calls<'m>(
+        &self,
+        machine: Machine<'m>,
+        compiled: &Compiled,
+        inst: &mut Instance,
+        mut next: Next,
+        heartbeat: &(dyn Fn() + Send + Sync),
+        call_steps: &mut Vec<(String, Duration)>,
+    ) -> Machine<'m> {
+        // The lookup guarding the call about to be made, and the
+        // attempts of that call so far: every retry looks up first.
+        let mut guard: Option<(CallPlan, u32)> = None;
+        loop {
+            let step_started = std::time::Instant::now();
+            let calling = match &next {
+                Next::Call(plan) | Next::Lookup(plan) => Some(plan.step.clone()),
+                Next::Idle => None,
+            };
+            next = match next {
+                Next::Idle => break,
+                Next::Call(plan) => match guard.take().filter(|(l, _)| l.step == plan.step) {
+                    None => {
+                        let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                        machine.apply(inst, Input::CallDone(result))
+                    }
+                    Some((lookup, attempts)) => {
+                        let (result, retry_in) = self.timed_call(&plan, heartbeat, true).await;
+                        let attempts = attempts + 1;
+                        let retry = compiled
+                            .def
+                            .connectors
+                            .get(&plan.connector)
+                            .and_then(|c| c.rest.as_ref())
+                            .map(|r| r.retry.clone())
+                            .unwrap_or_default();
+                        match retry_in {
+                            Some(wait) if attempts < retry.max_attempts => {
+                                heartbeat();
+                                let wait = backoff(wait, attempts, retry.max_backoff.as_std());
+                                tokio::time::sleep(wait).await;
+                                heartbeat();
+                                let (found, _) =
+                                    self.timed_call(&lookup, heartbeat, false).await;
+                                guard = Some((lookup, attempts));
+                                machine.apply(inst, Input::LookupDone(found))
+                            }
+                            Some(_) => machine.apply(
+                                inst,
+                                Input::CallDone(CallResult::Failed {
+                                    message: format!(
+                                        "gave up after {attempts} attempts, each after a lookup that found nothing"
+                                    ),
+                                    status: None,
+                                    attempts,
+                                }),
+                            ),
+                            None => machine.apply(inst, Input::CallDone(result)),
+                        }
+                    }
+                },
+                Next::Lookup(plan) => {
+                    let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                    guard = Some((plan, 0));
+                    machine.apply(inst, Input::LookupDone(result))
+                }
+            };
+            if let Some(step) = calling {
+                let spent = step_started.elapsed();
+                match call_steps.iter_mut().find(|(s, _)| *s == step) {
+                    Some((_, total)) => *total += spent,
+                    None => call_steps.push((step, spent)),
+                }
+            }
+        }
+        machine
     }
 
     /// The stored instance `key` and its revision; a crash may have

@@ -177,6 +177,116 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
     );
 }
 
+/// A backlog (a worker that was down, a burst of webhooks) holds several
+/// events of one instance: those taken from the consumer together are
+/// applied in one commit, so the instance is stored, audited and, when it
+/// ends, never scheduled for a wake-up once per event but once in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instances_events_taken_together_are_applied_in_one_commit() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    // The streams and the consumer exist; nobody consumes.
+    start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url())
+        .await
+        .shutdown()
+        .await;
+    let n = 30;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        seed_order(&env.erp, &order, 5, "0.10");
+        let order_event = ("order.created", format!("o-{i}"), order_data(&order));
+        let shipment = (
+            "shipment.confirmed",
+            format!("s-{i}"),
+            shipment_data(&order, 5),
+        );
+        let (first, second) = if i % 2 == 0 {
+            (&order_event, &shipment)
+        } else {
+            (&shipment, &order_event)
+        };
+        publish(&js, NS, first.0, &first.1, &first.2).await;
+        publish(&js, NS, second.0, &second.1, &second.2).await;
+        if i % 3 == 0 {
+            // Sent again after the broker's window: the instance absorbs it.
+            publish_again(&js, NS, first.0, &first.1, &first.2).await;
+        }
+    }
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "every instance to complete",
+        Duration::from_secs(30),
+        || stats.completed.load(Ordering::Relaxed) == n,
+    )
+    .await;
+    wait_for(
+        "every repeat to be absorbed",
+        Duration::from_secs(10),
+        || stats.duplicates.load(Ordering::Relaxed) == n.div_ceil(3),
+    )
+    .await;
+    run.shutdown().await;
+    assert_eq!(env.erp.invoice_count(), n as usize, "one invoice per order");
+    for invoice in env.erp.invoices() {
+        assert_eq!(
+            invoice.field("netAmount"),
+            Some("40.48"),
+            "{}",
+            invoice.body
+        );
+    }
+    let coalesced = stats.coalesced.load(Ordering::Relaxed);
+    assert!(coalesced > 0, "the backlog was taken in batches");
+    assert!(coalesced <= n, "at most one saved commit per instance");
+    let exposed = format!(
+        "tallyman_worker_events_coalesced_total{{namespace=\"{NS}\",workflow=\"shipment-to-invoice\"}} {coalesced}\n"
+    );
+    assert!(metrics.encode().contains(&exposed), "{}", metrics.encode());
+    // One audit message per commit: 2 per instance, less one for each
+    // instance whose two events shared a commit.
+    let stream_messages = |name: String| {
+        let js = js.clone();
+        async move {
+            js.get_stream(name)
+                .await
+                .unwrap()
+                .info()
+                .await
+                .unwrap()
+                .state
+                .messages
+        }
+    };
+    let upper = NS.to_uppercase();
+    assert_eq!(
+        stream_messages(format!("TALLYMAN_{upper}_AUDIT")).await,
+        2 * n - coalesced
+    );
+    // A wake-up is scheduled by a commit that leaves the instance waiting:
+    // none for an instance that ran to its end in one commit.
+    assert_eq!(
+        stream_messages(format!("TALLYMAN_{upper}_TIMERS")).await,
+        n - coalesced
+    );
+    let (records, unreadable) =
+        tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
+            .await
+            .unwrap();
+    assert!(unreadable.is_empty());
+    let report = audit::verify(&records);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.instances, n as usize);
+}
+
 /// Waiting instances are held in memory within the budget; with no room
 /// at all every input reads the store, with the same results.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

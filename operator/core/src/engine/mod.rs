@@ -204,8 +204,11 @@ impl<'a> Machine<'a> {
     }
 
     /// Drop timers nothing waits for any more and schedule the earliest of
-    /// the rest, when it changed.
+    /// the rest, when it changed. A wake-up still in the outbox is not
+    /// published yet (several inputs applied in one commit): the current
+    /// timers supersede it.
     fn rearm(&self, inst: &mut Instance) {
+        inst.outbox.retain(|o| !matches!(o, Outbound::Wake { .. }));
         let live = |token: &String| {
             inst.sla_timer.as_ref() == Some(token)
                 || match &inst.wait {

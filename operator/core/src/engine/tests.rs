@@ -654,3 +654,53 @@ fn sealing_moves_the_audit_records_into_one_message_written_once() {
     inst.seal_audits("x").unwrap();
     assert_eq!(inst.audit_batch, None);
 }
+
+#[test]
+fn inputs_applied_in_one_commit_leave_only_the_wake_up_still_needed() {
+    let def = compiled("shipment-to-invoice");
+    let wakes = |inst: &Instance| -> Vec<i64> {
+        inst.outbox
+            .iter()
+            .filter_map(|o| match o {
+                Outbound::Wake { due_ms } => Some(*due_ms),
+                _ => None,
+            })
+            .collect()
+    };
+    let m = Machine::new(&def, t0());
+    // The order alone arms the SLA: one wake-up, at 4 h.
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    assert_eq!(m.apply(&mut inst, order_created()), Next::Idle);
+    assert_eq!(
+        wakes(&inst),
+        [(t0() + chrono::Duration::hours(4)).timestamp_millis()]
+    );
+    // The shipment in the same commit: the instance runs to its end, so
+    // the wake-up the order asked for is not published at all.
+    let mut next = m.apply(&mut inst, shipment(5));
+    while let Next::Call(p) = next {
+        let result = if p.step == "order" {
+            erp_order()
+        } else {
+            invoice_created()
+        };
+        next = m.apply(&mut inst, Input::CallDone(result));
+    }
+    assert_eq!(inst.status, Status::Completed);
+    assert_eq!(wakes(&inst), Vec::<i64>::new());
+    // The records of both inputs are in the outbox, in chain order.
+    let seqs: Vec<u64> = audits(&inst).iter().map(|r| r.seq).collect();
+    assert!(seqs.len() > 3 && seqs.windows(2).all(|w| w[1] == w[0] + 1));
+    assert_eq!(seqs[0], 1);
+
+    // A timer that changes twice within a commit: only the last is kept.
+    let mut inst = Instance::new("4712", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    let at_4h = Machine::new(&def, t0() + chrono::Duration::hours(4));
+    assert_eq!(at_4h.apply(&mut inst, Input::Wake), Next::Idle);
+    assert!(inst.sla_breached);
+    assert_eq!(
+        wakes(&inst),
+        [(t0() + chrono::Duration::hours(24)).timestamp_millis()]
+    );
+}

@@ -89,9 +89,17 @@ impl Drop for WorkerProcess {
 }
 
 pub async fn publish_orders(js: &jetstream::Context, erp: &SimErp, n: usize) {
+    publish_events(js, erp, n, &["order.created", "shipment.confirmed"]).await;
+}
+
+/// [`publish_orders`] for the events of `types` only.
+pub async fn publish_events(js: &jetstream::Context, erp: &SimErp, n: usize, types: &[&str]) {
     for i in 0..n {
         erp.seed_order(orders::order(i));
         for (ty, id, payload) in orders::events(i, "test") {
+            if !types.contains(&ty) {
+                continue;
+            }
             let mut headers = async_nats::HeaderMap::new();
             headers.insert("Nats-Msg-Id", id.as_str());
             // Before a worker has created the stream, a publish may find none: retry.

@@ -17,6 +17,8 @@ pub struct WorkerMetrics {
     pub events_received: Family<EventLabels, Counter>,
     /// Events whose id the instance had already applied.
     pub events_duplicate: Family<WorkflowLabels, Counter>,
+    /// Events applied in the same commit as an earlier event of their instance.
+    pub events_coalesced: Family<WorkflowLabels, Counter>,
     pub instances_started: Family<WorkflowLabels, Counter>,
     pub instances_ended: Family<InstanceEndLabels, Counter>,
     /// Instances started and not ended (waiting ones included).
@@ -52,6 +54,10 @@ impl WorkerMetrics {
             events_duplicate: r.counter(
                 "tallyman_worker_events_duplicate",
                 "Events dropped because their instance had already applied the event id",
+            ),
+            events_coalesced: r.counter(
+                "tallyman_worker_events_coalesced",
+                "Events applied in the same commit as an earlier event of their instance",
             ),
             instances_started: r.counter(
                 "tallyman_worker_instances_started",
