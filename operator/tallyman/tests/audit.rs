@@ -187,12 +187,68 @@ async fn an_intact_trail_verifies_and_a_removed_record_is_named() {
         format!("records {first} to {last} are missing")
     };
     assert!(said.contains(&missing), "{said}");
+    // The stream's own sequence shows the gap too.
+    assert!(
+        said.contains(&format!(
+            "stream message {stream_seq} was removed from the audit stream"
+        )),
+        "{said}"
+    );
     let broken = report(&nats);
     let problems = broken["problems"].as_array().unwrap();
-    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert_eq!(problems.len(), 2, "{problems:?}");
     assert_eq!(problems[0]["key"], key);
     assert_eq!(problems[0]["seq"], first);
     assert_eq!(problems[0]["kind"], "Missing");
+    assert_eq!(problems[1]["key"], "");
+    assert_eq!(problems[1]["seq"], stream_seq);
+    assert_eq!(problems[1]["kind"], "Missing");
+}
+
+/// An instance's whole trail removed leaves no chain with a gap to show:
+/// the audit stream keeps every message, so its sequence shows the hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_trail_removed_is_found_by_the_streams_sequence() {
+    let (nats, js) = small_run().await;
+    let messages = audit_messages(&js).await;
+    let of_order_1: Vec<u64> = messages
+        .iter()
+        .filter(|(_, records)| records.iter().any(|r| r["key"] == "ORD-1"))
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(of_order_1.len(), 2, "two commits");
+    let stream = js.get_stream(AUDIT_STREAM).await.unwrap();
+    for seq in &of_order_1 {
+        assert!(stream.delete_message(*seq).await.unwrap());
+    }
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(!said.contains("ORD-1"), "no record of it is left: {said}");
+    for seq in &of_order_1 {
+        assert!(
+            said.contains(&format!("stream message {seq} was removed")),
+            "{said}"
+        );
+    }
+    let broken = report(&nats);
+    assert_eq!(broken["instances"], 2);
+    let problems = broken["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .all(|p| p["kind"] == "Missing" && p["key"] == "")
+    );
+
+    // The same for one Workflow's records: the whole stream is checked.
+    let out = Command::new(env!("CARGO_BIN_EXE_tallyman"))
+        .args(["audit", "verify", "--nats", &nats.url(), "--namespace", NS])
+        .args(["--workflow", WF])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,8 +283,12 @@ async fn a_forged_record_is_reported_as_modified() {
             .any(|p| p["key"] == "ORD-2" && p["seq"] == 3 && p["kind"] == "Modified"),
         "{problems:?}"
     );
+    // The other chains are intact; the replaced message left a hole in
+    // the stream's sequence.
     assert!(
-        problems.iter().all(|p| p["key"] == "ORD-2"),
-        "the other chains are intact: {problems:?}"
+        problems
+            .iter()
+            .all(|p| p["key"] == "ORD-2" || (p["key"] == "" && p["seq"] == stream_seq)),
+        "{problems:?}"
     );
 }

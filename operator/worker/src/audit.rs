@@ -1,5 +1,6 @@
 //! Reading the audit stream back, for `tallyman audit verify`.
 
+use std::ops::RangeInclusive;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
@@ -9,68 +10,92 @@ use tallyman_core::audit::AuditRecord;
 use crate::Error;
 use crate::names::Names;
 
-/// Every audit record of a namespace (or of one workflow), in stream order.
-/// Records that do not parse are returned as errors with their sequence, so
-/// a verifier can count them as modified.
+/// What the audit stream holds, as read back.
+#[derive(Debug, Default)]
+pub struct Trail {
+    /// Every audit record, in stream order.
+    pub records: Vec<AuditRecord>,
+    /// Messages that do not parse, with their stream sequence: a verifier
+    /// counts them as modified.
+    pub unreadable: Vec<(u64, String)>,
+    /// Stream sequences with no message: removed from the stream. A chain
+    /// shows a removed record as a gap, except when the removed message held
+    /// the whole chain (an instance that ran to its end in one commit), so
+    /// the stream's own sequence is checked too.
+    pub removed: Vec<RangeInclusive<u64>>,
+}
+
+/// The audit records of a namespace (or of one workflow), in stream order.
+/// The whole stream is read either way, so a removed message is found
+/// whichever workflow it belonged to.
 pub async fn read(
     client: async_nats::Client,
     namespace: &str,
     workflow: Option<&str>,
-) -> Result<(Vec<AuditRecord>, Vec<(u64, String)>), Error> {
+) -> Result<Trail, Error> {
     let js = jetstream::new(client);
     let names = Names::new(namespace, workflow.unwrap_or("*"));
+    let failed =
+        |e: &dyn std::fmt::Display| Error::Store(format!("failed to read the audit stream: {e}"));
     let mut stream = js
         .get_stream(names.audit_stream())
         .await
         .map_err(|e| Error::Store(format!("no audit stream {}: {e}", names.audit_stream())))?;
-    let last = stream
-        .info()
-        .await
-        .map_err(|e| Error::Store(format!("failed to read the audit stream: {e}")))?
-        .state
-        .last_sequence;
-    let mut records = Vec::new();
-    let mut unreadable = Vec::new();
+    let info = stream.info().await.map_err(|e| failed(&e))?;
+    let last = info.state.last_sequence;
+    // The stream keeps every message unless it was given limits; with
+    // limits, old messages leave from the front and only gaps after the
+    // first count.
+    let unlimited = info.config.max_age.is_zero()
+        && info.config.max_messages <= 0
+        && info.config.max_bytes <= 0;
+    let mut expected = if unlimited {
+        1
+    } else {
+        info.state.first_sequence
+    };
+    let mut trail = Trail::default();
     if last == 0 {
-        return Ok((records, unreadable));
+        return Ok(trail);
     }
     let mut consumer = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: match workflow {
-                Some(_) => names.audit_subject(),
-                None => names.audit_wildcard(),
-            },
+            filter_subject: names.audit_wildcard(),
             ..Default::default()
         })
         .await
-        .map_err(|e| Error::Store(format!("failed to read the audit stream: {e}")))?;
-    let pending = consumer
-        .info()
-        .await
-        .map_err(|e| Error::Store(format!("failed to read the audit stream: {e}")))?
-        .num_pending;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| Error::Store(format!("failed to read the audit stream: {e}")))?;
+        .map_err(|e| failed(&e))?;
+    let pending = consumer.info().await.map_err(|e| failed(&e))?.num_pending;
+    let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+    let wanted = workflow.map(|_| names.audit_subject());
     let mut read = 0;
     while read < pending {
         let next = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
         let Ok(Some(Ok(msg))) = next else {
             return Err(Error::Store(format!(
-                "the audit stream stopped answering after {read} of {pending} records"
+                "the audit stream stopped answering after {read} of {pending} messages"
             )));
         };
         read += 1;
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        if seq > expected {
+            trail.removed.push(expected..=seq - 1);
+        }
+        expected = expected.max(seq + 1);
+        if wanted.as_deref().is_some_and(|s| msg.subject.as_str() != s) {
+            continue;
+        }
         // One message holds the records of one commit, in chain order.
         match serde_json::from_slice::<Vec<AuditRecord>>(&msg.payload) {
-            Ok(batch) => records.extend(batch),
+            Ok(batch) => trail.records.extend(batch),
             Err(e) => match serde_json::from_slice::<AuditRecord>(&msg.payload) {
-                Ok(r) => records.push(r),
-                Err(_) => unreadable.push((seq, e.to_string())),
+                Ok(r) => trail.records.push(r),
+                Err(_) => trail.unreadable.push((seq, e.to_string())),
             },
         }
     }
-    Ok((records, unreadable))
+    if expected <= last {
+        trail.removed.push(expected..=last);
+    }
+    Ok(trail)
 }

@@ -60,11 +60,11 @@ async fn orders_become_exactly_one_invoice_each_despite_duplicates_and_disorder(
     assert_eq!(inst.status, Status::Completed);
     run.shutdown().await;
 
-    let (records, unreadable) =
-        tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
-            .await
-            .unwrap();
-    assert!(unreadable.is_empty());
+    let trail = tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
+        .await
+        .unwrap();
+    assert!(trail.unreadable.is_empty() && trail.removed.is_empty());
+    let records = trail.records;
     let report = audit::verify(&records);
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.instances, n as usize);
@@ -277,11 +277,11 @@ async fn an_instances_events_taken_together_are_applied_in_one_commit() {
         stream_messages(format!("TALLYMAN_{upper}_TIMERS")).await,
         n - coalesced
     );
-    let (records, unreadable) =
-        tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
-            .await
-            .unwrap();
-    assert!(unreadable.is_empty());
+    let trail = tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
+        .await
+        .unwrap();
+    assert!(trail.unreadable.is_empty() && trail.removed.is_empty());
+    let records = trail.records;
     let report = audit::verify(&records);
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.instances, n as usize);

@@ -42,10 +42,29 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
         let client = async_nats::connect(&args.nats)
             .await
             .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
-        let (records, unreadable) =
+        let trail =
             tallyman_worker::audit::read(client, &args.namespace, args.workflow.as_deref()).await?;
-        let mut report = audit::verify(&records);
-        for (seq, why) in unreadable {
+        let mut report = audit::verify(&trail.records);
+        for gone in &trail.removed {
+            let (first, last) = (*gone.start(), *gone.end());
+            report.problems.push(Problem {
+                namespace: args.namespace.clone(),
+                workflow: args.workflow.clone().unwrap_or_default(),
+                key: String::new(),
+                seq: first,
+                kind: ProblemKind::Missing,
+                message: if first == last {
+                    format!(
+                        "stream message {first} was removed from the audit stream: the records it held are gone, whole trails of instances among them"
+                    )
+                } else {
+                    format!(
+                        "stream messages {first} to {last} were removed from the audit stream: the records they held are gone, whole trails of instances among them"
+                    )
+                },
+            });
+        }
+        for (seq, why) in trail.unreadable {
             report.problems.push(Problem {
                 namespace: args.namespace.clone(),
                 workflow: args.workflow.clone().unwrap_or_default(),

@@ -333,11 +333,12 @@ pub async fn wait_emitted(js: &jetstream::Context, ns: &str, ty: &str, n: usize)
 
 /// The audit records of one instance, in chain order.
 pub async fn audit_of(nats: &str, ns: &str, key: &str) -> Vec<tallyman_core::audit::AuditRecord> {
-    let (records, unreadable) = tallyman_worker::audit::read(connect(nats).await, ns, None)
+    let trail = tallyman_worker::audit::read(connect(nats).await, ns, None)
         .await
         .expect("the audit stream reads");
-    assert!(unreadable.is_empty(), "{unreadable:?}");
-    let mut mine: Vec<_> = records.into_iter().filter(|r| r.key == key).collect();
+    assert!(trail.unreadable.is_empty(), "{:?}", trail.unreadable);
+    assert!(trail.removed.is_empty(), "{:?}", trail.removed);
+    let mut mine: Vec<_> = trail.records.into_iter().filter(|r| r.key == key).collect();
     mine.sort_by_key(|r| r.seq);
     mine
 }
