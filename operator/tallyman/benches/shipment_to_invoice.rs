@@ -212,26 +212,22 @@ async fn run(workers: usize, orders: usize, rate: usize) {
         invoices.len() - ids.len(),
     );
     // Each commit publishes one audit message; a commit that leaves an
-    // instance waiting schedules its wake-up.
-    let stored = |stream: &'static str| {
+    // instance waiting schedules its wake-up, removed when it ends.
+    let state = |stream: &'static str| {
         let js = js.clone();
         async move {
             let name = format!("TALLYMAN_{}_{stream}", NS.to_uppercase());
-            js.get_stream(name)
-                .await
-                .unwrap()
-                .info()
-                .await
-                .unwrap()
-                .state
-                .messages
+            let mut stream = js.get_stream(name).await.unwrap();
+            stream.info().await.unwrap().state.clone()
         }
     };
-    let commits = stored("AUDIT").await;
+    let commits = state("AUDIT").await.messages;
+    let timers = state("TIMERS").await;
     println!(
-        "  commits={commits} ({:.2} per instance), wake-ups scheduled={}",
+        "  commits={commits} ({:.2} per instance), wake-ups scheduled={} left={}",
         commits as f64 / orders as f64,
-        stored("TIMERS").await
+        timers.last_sequence,
+        timers.messages
     );
     let me = usage(std::process::id());
     println!(

@@ -772,6 +772,12 @@ impl Worker {
                 }
             };
             let new = revision.is_none();
+            // The wake-up the broker holds for the instance: none for a new
+            // one, nor after the one that is firing now.
+            let scheduled = match (&probed, inputs.contains(&Input::Wake)) {
+                (None, false) => inst.wake_ms,
+                _ => None,
+            };
             let compiled = match probed {
                 Some(_) => self.current.clone(),
                 None => self.compiled(&inst.revision).await?,
@@ -825,6 +831,7 @@ impl Worker {
                 return Ok(());
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
+            inst.settle_wake(scheduled);
             inst.seal_audits(&self.msg_prefix(key))
                 .map_err(|e| Error::Store(e.to_string()))?;
             let bytes =
@@ -1257,6 +1264,14 @@ impl Worker {
                         case: None,
                     };
                     messages.push(self.timer_message(&timer, &prefix, &format!("{prefix}/wake/{due_ms}"))?);
+                }
+                Outbound::CancelWake => {
+                    // A schedule left behind only fires into a no-op later:
+                    // a failure here loses nothing.
+                    let subject = self.names.timer_schedule_subject(&short_id(&prefix));
+                    if let Err(e) = self.handles.timers_stream.purge().filter(&subject).await {
+                        warn!(key = %inst.key, error = %e, "failed to remove a wake-up nobody needs");
+                    }
                 }
                 Outbound::OpenCase(req) => {
                     self.cases.open(req, now).await?;

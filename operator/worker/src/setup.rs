@@ -19,6 +19,8 @@ pub struct Handles {
     pub counts: kv::Store,
     pub events: consumer::Consumer<consumer::pull::Config>,
     pub timers: consumer::Consumer<consumer::pull::Config>,
+    /// The stream of the schedules, to remove one nobody needs.
+    pub timers_stream: stream::Stream,
 }
 
 async fn ensure_stream(
@@ -107,6 +109,7 @@ pub async fn ensure(
             ))
         })?;
     let timers = timers_stream
+        .clone()
         .get_or_create_consumer(
             &names.timers_consumer(),
             consumer::pull::Config {
@@ -132,5 +135,6 @@ pub async fn ensure(
         counts: ensure_kv(js, names.counts_bucket(), 1).await?,
         events,
         timers,
+        timers_stream,
     })
 }

@@ -103,6 +103,10 @@ pub enum Outbound {
     Wake {
         due_ms: i64,
     },
+    /// Remove the instance's schedule: nothing is armed any more (it ended,
+    /// or what it waits for has no timeout). A wake-up nobody needs would
+    /// otherwise fire hours later, and be stored until then.
+    CancelWake,
     DeadLetter {
         msg_id: String,
         step: String,
@@ -251,6 +255,21 @@ impl Instance {
             records: serde_json::value::to_raw_value(&records)?,
         });
         Ok(())
+    }
+
+    /// Settle the wake-up of the inputs applied since the commit that left
+    /// `scheduled` with the broker: the outbox ends up with one `Wake` when
+    /// the instance needs another, `CancelWake` when it needs none any more,
+    /// and nothing when the schedule stays as it is.
+    pub fn settle_wake(&mut self, scheduled: Option<i64>) {
+        self.outbox
+            .retain(|o| !matches!(o, Outbound::Wake { .. } | Outbound::CancelWake));
+        if scheduled != self.wake_ms {
+            self.outbox.push(match self.wake_ms {
+                Some(due_ms) => Outbound::Wake { due_ms },
+                None => Outbound::CancelWake,
+            });
+        }
     }
 
     /// Whether an event with this [`dedup_key`] was applied already.

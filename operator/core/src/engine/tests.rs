@@ -704,3 +704,58 @@ fn inputs_applied_in_one_commit_leave_only_the_wake_up_still_needed() {
         [(t0() + chrono::Duration::hours(24)).timestamp_millis()]
     );
 }
+
+#[test]
+fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let at_4h = (t0() + chrono::Duration::hours(4)).timestamp_millis();
+    let settled = |inst: &mut Instance, scheduled: Option<i64>| -> Vec<Outbound> {
+        inst.settle_wake(scheduled);
+        inst.outbox
+            .iter()
+            .filter(|o| matches!(o, Outbound::Wake { .. } | Outbound::CancelWake))
+            .cloned()
+            .collect()
+    };
+    let complete = |inst: &mut Instance| {
+        let mut next = m.apply(inst, shipment(5));
+        while let Next::Call(p) = next {
+            let result = if p.step == "order" {
+                erp_order()
+            } else {
+                invoice_created()
+            };
+            next = m.apply(inst, Input::CallDone(result));
+        }
+        assert_eq!(inst.status, Status::Completed);
+    };
+
+    // A new instance left waiting: its SLA is scheduled.
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    assert_eq!(settled(&mut inst, None), [Outbound::Wake { due_ms: at_4h }]);
+    // The next commit ends it: the schedule the broker holds is removed.
+    inst.clear_outbox();
+    complete(&mut inst);
+    assert_eq!(settled(&mut inst, Some(at_4h)), [Outbound::CancelWake]);
+
+    // Both events in one commit: nothing scheduled, nothing to remove.
+    let mut inst = Instance::new("4712", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    complete(&mut inst);
+    assert_eq!(settled(&mut inst, None), []);
+
+    // An input that changes nothing about the timers leaves the schedule.
+    let mut inst = Instance::new("4713", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    inst.settle_wake(None);
+    inst.clear_outbox();
+    let again = event(
+        "o-2",
+        "order.created",
+        r#"{"orderId": "4713", "customerId": "C-1", "channel": "web"}"#,
+    );
+    assert_eq!(m.apply(&mut inst, again), Next::Idle);
+    assert_eq!(settled(&mut inst, Some(at_4h)), []);
+}
