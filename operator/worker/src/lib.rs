@@ -3,8 +3,8 @@
 //! versioned definitions, visible failures, a tamper-evident audit trail.
 //!
 //! ```text
-//! events consumer ─┐
-//! timers consumer ─┼─▶ process(key, input): load (cache, else KV) ─▶ Machine::apply ─▶ calls
+//! events consumer ─┐  (events taken together: grouped by instance, one commit per group)
+//! timers consumer ─┼─▶ process(key, inputs): load (cache, else KV) ─▶ Machine::apply each ─▶ calls
 //! case watcher ────┘        ─▶ CAS the instance ─▶ publish its outbox (deduplicated) ─▶ ack
 //! ```
 //!
