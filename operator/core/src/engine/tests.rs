@@ -106,6 +106,30 @@ fn emits(inst: &Instance) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The wake-ups in the outbox.
+fn wakes(inst: &Instance) -> Vec<i64> {
+    inst.outbox
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Wake { due_ms } => Some(*due_ms),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Answer the shipment-to-invoice calls `next` asks for (the ERP order,
+/// then the invoice) until the instance waits.
+fn answer_calls(m: &Machine, inst: &mut Instance, mut next: Next) {
+    while let Next::Call(p) = next {
+        let result = if p.step == "order" {
+            erp_order()
+        } else {
+            invoice_created()
+        };
+        next = m.apply(inst, Input::CallDone(result));
+    }
+}
+
 #[test]
 fn matching_quantities_become_one_invoice() {
     let def = compiled("shipment-to-invoice");
@@ -309,15 +333,6 @@ fn a_missing_shipment_times_out_through_the_route() {
         Some(&(t0() + chrono::Duration::hours(24)).timestamp_millis())
     );
     // One wake-up is scheduled: the SLA (4 h) comes before the await timeout.
-    let wakes = |inst: &Instance| -> Vec<i64> {
-        inst.outbox
-            .iter()
-            .filter_map(|o| match o {
-                Outbound::Wake { due_ms } => Some(*due_ms),
-                _ => None,
-            })
-            .collect()
-    };
     assert_eq!(
         wakes(&inst),
         [(t0() + chrono::Duration::hours(4)).timestamp_millis()]
@@ -550,15 +565,8 @@ fn run_inputs(def: &Compiled, inputs: Vec<Input>, carry: bool) -> Instance {
             Machine::new(def, t0())
         };
         inst.clear_outbox();
-        let mut next = m.apply(&mut inst, input);
-        while let Next::Call(p) = next {
-            let result = if p.action == "getOrder" {
-                erp_order()
-            } else {
-                invoice_created()
-            };
-            next = m.apply(&mut inst, Input::CallDone(result));
-        }
+        let next = m.apply(&mut inst, input);
+        answer_calls(&m, &mut inst, next);
         values = m.into_values();
     }
     inst
@@ -658,15 +666,6 @@ fn sealing_moves_the_audit_records_into_one_message_written_once() {
 #[test]
 fn inputs_applied_in_one_commit_leave_only_the_wake_up_still_needed() {
     let def = compiled("shipment-to-invoice");
-    let wakes = |inst: &Instance| -> Vec<i64> {
-        inst.outbox
-            .iter()
-            .filter_map(|o| match o {
-                Outbound::Wake { due_ms } => Some(*due_ms),
-                _ => None,
-            })
-            .collect()
-    };
     let m = Machine::new(&def, t0());
     // The order alone arms the SLA: one wake-up, at 4 h.
     let mut inst = Instance::new("4711", &def.revision, 0);
@@ -677,15 +676,8 @@ fn inputs_applied_in_one_commit_leave_only_the_wake_up_still_needed() {
     );
     // The shipment in the same commit: the instance runs to its end, so
     // the wake-up the order asked for is not published at all.
-    let mut next = m.apply(&mut inst, shipment(5));
-    while let Next::Call(p) = next {
-        let result = if p.step == "order" {
-            erp_order()
-        } else {
-            invoice_created()
-        };
-        next = m.apply(&mut inst, Input::CallDone(result));
-    }
+    let next = m.apply(&mut inst, shipment(5));
+    answer_calls(&m, &mut inst, next);
     assert_eq!(inst.status, Status::Completed);
     assert_eq!(wakes(&inst), Vec::<i64>::new());
     // The records of both inputs are in the outbox, in chain order.
@@ -719,15 +711,8 @@ fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
             .collect()
     };
     let complete = |inst: &mut Instance| {
-        let mut next = m.apply(inst, shipment(5));
-        while let Next::Call(p) = next {
-            let result = if p.step == "order" {
-                erp_order()
-            } else {
-                invoice_created()
-            };
-            next = m.apply(inst, Input::CallDone(result));
-        }
+        let next = m.apply(inst, shipment(5));
+        answer_calls(&m, inst, next);
         assert_eq!(inst.status, Status::Completed);
     };
 
