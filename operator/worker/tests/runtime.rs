@@ -60,13 +60,7 @@ async fn orders_become_exactly_one_invoice_each_despite_duplicates_and_disorder(
     assert_eq!(inst.status, Status::Completed);
     run.shutdown().await;
 
-    let trail = tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
-        .await
-        .unwrap();
-    assert!(trail.unreadable.is_empty() && trail.removed.is_empty());
-    let records = trail.records;
-    let report = audit::verify(&records);
-    assert!(report.is_ok(), "{:?}", report.problems);
+    let report = verified_trail(&env.nats.url(), NS).await;
     assert_eq!(report.instances, n as usize);
 
     // The shared counters hold every instance once (the last flush runs at
@@ -253,41 +247,17 @@ async fn an_instances_events_taken_together_are_applied_in_one_commit() {
     assert!(metrics.encode().contains(&exposed), "{}", metrics.encode());
     // One audit message per commit: 2 per instance, less one for each
     // instance whose two events shared a commit.
-    let stream_messages = |name: String| {
-        let js = js.clone();
-        async move {
-            js.get_stream(name)
-                .await
-                .unwrap()
-                .info()
-                .await
-                .unwrap()
-                .state
-                .messages
-        }
-    };
-    let upper = NS.to_uppercase();
     assert_eq!(
-        stream_messages(format!("TALLYMAN_{upper}_AUDIT")).await,
+        stream_state(&js, NS, "AUDIT").await.messages,
         2 * n - coalesced
     );
     // A wake-up is scheduled by a commit that leaves the instance waiting
     // (none for an instance that ran to its end in one commit), and
     // removed when the instance ends: none is left to fire.
-    let mut timers = js
-        .get_stream(format!("TALLYMAN_{upper}_TIMERS"))
-        .await
-        .unwrap();
-    let state = timers.info().await.unwrap().state.clone();
+    let state = stream_state(&js, NS, "TIMERS").await;
     assert_eq!(state.last_sequence, n - coalesced, "schedules written");
     assert_eq!(state.messages, 0, "schedules left");
-    let trail = tallyman_worker::audit::read(connect(&env.nats.url()).await, NS, None)
-        .await
-        .unwrap();
-    assert!(trail.unreadable.is_empty() && trail.removed.is_empty());
-    let records = trail.records;
-    let report = audit::verify(&records);
-    assert!(report.is_ok(), "{:?}", report.problems);
+    let report = verified_trail(&env.nats.url(), NS).await;
     assert_eq!(report.instances, n as usize);
 }
 
@@ -369,11 +339,7 @@ async fn instances_held_in_memory_stay_within_the_budget() {
     tight.shutdown().await;
     // Each instance was left waiting once (its SLA scheduled), and its end
     // removed the schedule: none is left to fire hours later.
-    let mut timers = js
-        .get_stream(format!("TALLYMAN_{}_TIMERS", NS.to_uppercase()))
-        .await
-        .unwrap();
-    let state = timers.info().await.unwrap().state.clone();
+    let state = stream_state(&js, NS, "TIMERS").await;
     assert_eq!((state.last_sequence, state.messages), (n, 0));
 }
 

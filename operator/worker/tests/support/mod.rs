@@ -331,6 +331,30 @@ pub async fn wait_emitted(js: &jetstream::Context, ns: &str, ty: &str, n: usize)
     }
 }
 
+/// The namespace's whole audit trail read back and verified: nothing
+/// unreadable, no message removed, every chain intact. The report.
+pub async fn verified_trail(nats: &str, ns: &str) -> tallyman_core::audit::VerifyReport {
+    let trail = tallyman_worker::audit::read(connect(nats).await, ns, None)
+        .await
+        .expect("the audit stream reads");
+    assert!(trail.unreadable.is_empty() && trail.removed.is_empty());
+    let report = tallyman_core::audit::verify(&trail.records);
+    assert!(report.is_ok(), "{:?}", report.problems);
+    report
+}
+
+/// The state of the namespace's stream `TALLYMAN_<NS>_<kind>` (`AUDIT`,
+/// `TIMERS`, …).
+pub async fn stream_state(
+    js: &jetstream::Context,
+    ns: &str,
+    kind: &str,
+) -> async_nats::jetstream::stream::State {
+    let name = format!("TALLYMAN_{}_{kind}", ns.to_uppercase());
+    let mut stream = js.get_stream(name).await.expect("the stream exists");
+    stream.info().await.expect("stream info").state.clone()
+}
+
 /// The audit records of one instance, in chain order.
 pub async fn audit_of(nats: &str, ns: &str, key: &str) -> Vec<tallyman_core::audit::AuditRecord> {
     let trail = tallyman_worker::audit::read(connect(nats).await, ns, None)
