@@ -837,25 +837,14 @@ impl Worker {
             let bytes =
                 Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
             let stored = bytes.len();
-            let written = match revision {
+            // Unread: revision 0 (no entry yet) fails at once when one
+            // exists, where `create` would read it first to tell a deleted
+            // entry from a live one.
+            let written = match revision.or(unread.then_some(0)) {
                 Some(rev) => self
                     .handles
                     .instances
                     .update(&kv_key, bytes, rev)
-                    .await
-                    .map_err(|e| {
-                        (
-                            e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                            e.to_string(),
-                        )
-                    }),
-                // Unread: revision 0 (no entry yet) fails at once when one
-                // exists, where `create` would read it first to tell a
-                // deleted entry from a live one.
-                None if unread => self
-                    .handles
-                    .instances
-                    .update(&kv_key, bytes, 0)
                     .await
                     .map_err(|e| {
                         (
