@@ -196,7 +196,9 @@ impl AuditRecord {
 
     /// The hash this record should carry, recomputed from its content.
     pub fn compute_hash(&self) -> String {
-        hex::encode(self.digest())
+        let mut hex = [0u8; 64];
+        hex::encode_to_slice(self.digest(), &mut hex).expect("64 bytes hold a SHA-256 in hex");
+        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
     }
 
     /// Whether `hash` matches the record's content.
@@ -213,12 +215,19 @@ impl AuditRecord {
         }
     }
 
-    // The encoding streams straight into the hasher: no buffer per record.
+    // The encoding is written into one buffer per thread, kept between
+    // records, and hashed in one pass: many small updates of the hasher
+    // cost more than the copy.
     fn digest(&self) -> [u8; 32] {
-        let mut hasher = HashWriter(Sha256::new());
-        self.write_canonical(&mut hasher)
-            .expect("hashing cannot fail");
-        hasher.0.finalize().into()
+        thread_local! {
+            static CANONICAL: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        CANONICAL.with_borrow_mut(|buf| {
+            buf.clear();
+            self.write_canonical(buf)
+                .expect("writing to a String cannot fail");
+            Sha256::digest(buf.as_bytes()).into()
+        })
     }
 
     // Members in sorted key order, written out by hand.
@@ -246,15 +255,6 @@ impl AuditRecord {
         w.write_str(",\"workflow\":")?;
         write_string(w, &self.workflow)?;
         w.write_char('}')
-    }
-}
-
-struct HashWriter(Sha256);
-
-impl fmt::Write for HashWriter {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        self.0.update(s.as_bytes());
-        Ok(())
     }
 }
 
@@ -312,6 +312,14 @@ fn write_members<'a, W: fmt::Write>(
 
 fn write_string<W: fmt::Write>(w: &mut W, s: &str) -> fmt::Result {
     w.write_char('"')?;
+    // Most strings need no escape: one check over the bytes, one write.
+    if !s
+        .bytes()
+        .any(|b| b < 0x20 || b == b'"' || b == b'\\' || b == 0x7f)
+    {
+        w.write_str(s)?;
+        return w.write_char('"');
+    }
     let mut plain_from = 0;
     for (i, byte) in s.bytes().enumerate() {
         let escape = match byte {
@@ -405,22 +413,58 @@ impl Chain {
         step: Option<&str>,
         detail: Value,
     ) -> AuditRecord {
+        let record = Link {
+            namespace: &self.namespace,
+            workflow: &self.workflow,
+            key: &self.key,
+            revision: &self.revision,
+            last_seq: self.seq,
+            last_hash: &self.last_hash,
+        }
+        .next(time.into(), kind, step.map(str::to_owned), detail);
+        self.seq = record.seq;
+        self.last_hash.clone_from(&record.hash);
+        record
+    }
+}
+
+/// The end of a chain kept elsewhere (the engine keeps an instance's in its
+/// state): [`Chain`] without owning anything.
+#[derive(Clone, Copy, Debug)]
+pub struct Link<'a> {
+    pub namespace: &'a str,
+    pub workflow: &'a str,
+    pub key: &'a str,
+    pub revision: &'a str,
+    /// Seq of the last record, 0 for a new chain.
+    pub last_seq: u64,
+    /// Hash of the last record, [`GENESIS`] for a new chain.
+    pub last_hash: &'a str,
+}
+
+impl Link<'_> {
+    /// The record after the last one, numbered, linked and hashed.
+    pub fn next(
+        &self,
+        time: String,
+        kind: AuditKind,
+        step: Option<String>,
+        detail: Value,
+    ) -> AuditRecord {
         let mut record = AuditRecord {
-            namespace: self.namespace.clone(),
-            workflow: self.workflow.clone(),
-            key: self.key.clone(),
-            revision: self.revision.clone(),
-            seq: self.seq + 1,
-            time: time.into(),
+            namespace: self.namespace.to_owned(),
+            workflow: self.workflow.to_owned(),
+            key: self.key.to_owned(),
+            revision: self.revision.to_owned(),
+            seq: self.last_seq + 1,
+            time,
             kind,
-            step: step.map(str::to_owned),
+            step,
             detail,
-            prev: self.last_hash.clone(),
+            prev: self.last_hash.to_owned(),
             hash: String::new(),
         };
         record.hash = record.compute_hash();
-        self.seq = record.seq;
-        self.last_hash.clone_from(&record.hash);
         record
     }
 }

@@ -389,19 +389,28 @@ pub fn write(v: &Value, out: &mut String) -> Result<(), JsonError> {
 
 pub(crate) fn string(s: &str, out: &mut String) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    // Runs without an escape are copied whole.
+    let mut plain_from = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is at an ASCII byte, hence on a char boundary.
+        out.push_str(&s[plain_from..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escape);
         }
+        plain_from = i + 1;
     }
+    out.push_str(&s[plain_from..]);
     out.push('"');
 }
 
@@ -448,6 +457,21 @@ mod tests {
             to_string(&v).unwrap(),
             r#"{"big":18446744073709551615,"price":1250.10,"qty":3,"s":"a\"é😀","tiny":0.01}"#
         );
+    }
+
+    #[test]
+    fn strings_are_escaped_where_json_requires_it() {
+        let mut out = String::new();
+        string(
+            "plain é😀 \"q\" back\\ nl\n cr\r tab\t bell\u{7} us\u{1f} del\u{7f}",
+            &mut out,
+        );
+        assert_eq!(
+            out,
+            "\"plain é😀 \\\"q\\\" back\\\\ nl\\n cr\\r tab\\t bell\\u0007 us\\u001f del\u{7f}\""
+        );
+        let text = to_string(&Value::String(Arc::new("a\u{1}b\"".repeat(3) + "é"))).unwrap();
+        assert_eq!(text, r#""a\u0001b\"a\u0001b\"a\u0001b\"é""#);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tallyman_api::v1alpha1::{Approvers, EndState};
 pub use definition::*;
 pub use instance::*;
 
-use crate::audit::{AuditKind, Chain};
+use crate::audit::{AuditKind, Link};
 use crate::cel::fast::Val;
 use crate::cel::{EvalError, Evaluated, Program, Value, Vars, finance, json};
 use crate::policy::Ruling;
@@ -96,6 +96,9 @@ pub enum CallResult {
 pub struct Machine<'a> {
     def: &'a Compiled,
     now: DateTime<Utc>,
+    /// `now` in RFC 3339 (milliseconds, `Z`), the time of every audit
+    /// record of this machine: formatted once.
+    now_text: String,
     /// Parsed event data, responses and variables, reused across the
     /// expressions of one apply instead of parsed per expression.
     cache: std::cell::RefCell<Values>,
@@ -167,6 +170,7 @@ impl<'a> Machine<'a> {
         Self {
             def,
             now,
+            now_text: now.to_rfc3339_opts(SecondsFormat::Millis, true),
             cache: std::cell::RefCell::new(values),
             timings: Default::default(),
         }
@@ -990,21 +994,17 @@ impl<'a> Machine<'a> {
         step: Option<String>,
         detail: serde_json::Value,
     ) {
-        let mut chain = Chain::new(
-            &self.def.def.namespace,
-            &self.def.def.workflow,
-            &inst.key,
-            &inst.revision,
-        )
-        .resume(inst.audit_seq, inst.audit_hash.clone());
-        let record = chain.append(
-            self.now.to_rfc3339_opts(SecondsFormat::Millis, true),
-            kind,
-            step.as_deref(),
-            detail,
-        );
+        let record = Link {
+            namespace: &self.def.def.namespace,
+            workflow: &self.def.def.workflow,
+            key: &inst.key,
+            revision: &inst.revision,
+            last_seq: inst.audit_seq,
+            last_hash: &inst.audit_hash,
+        }
+        .next(self.now_text.clone(), kind, step, detail);
         inst.audit_seq = record.seq;
-        inst.audit_hash = record.hash.clone();
+        inst.audit_hash.clone_from(&record.hash);
         inst.outbox.push(Outbound::Audit(Box::new(record)));
     }
 
