@@ -319,7 +319,11 @@ impl Binding {
 
 impl Vars {
     pub fn new() -> Self {
-        Self::default()
+        // Room for every variable of a step expression (key, event,
+        // events, steps, vars, now) without growing.
+        Self {
+            entries: Vec::with_capacity(6),
+        }
     }
 
     pub fn with(mut self, name: &'static str, value: Value) -> Self {

@@ -105,6 +105,7 @@ pub struct Machine<'a> {
     /// Steps that ran to completion in this apply, with how long each took
     /// (the worker's `step_duration` metric; calls are timed by the worker).
     timings: std::cell::RefCell<Vec<(usize, std::time::Duration)>>,
+    memo: std::cell::RefCell<VarsMemo>,
 }
 
 /// An instance's event data, responses and variables parsed into the
@@ -173,6 +174,7 @@ impl<'a> Machine<'a> {
             now_text: now.to_rfc3339_opts(SecondsFormat::Millis, true),
             cache: std::cell::RefCell::new(values),
             timings: Default::default(),
+            memo: Default::default(),
         }
     }
 
@@ -1082,12 +1084,19 @@ impl<'a> Machine<'a> {
                 cached(&mut cache.vars, name, text, text, "variable", |v| v)?,
             ));
         }
+        drop(cache);
+        let mut memo = self.memo.borrow_mut();
+        let key = match &memo.key {
+            Some(Val::Str(k)) if **k == *inst.key => Val::Str(k.clone()),
+            _ => Val::str(&inst.key),
+        };
+        memo.key = Some(key.clone());
         Ok(Vars::new()
-            .with_fast("key", Val::str(&inst.key))
+            .with_fast("key", key)
             .with_fast("event", event)
-            .with_fast("events", Val::map(events))
-            .with_fast("steps", Val::map(steps))
-            .with_fast("vars", Val::map(vars))
+            .with_fast("events", memo_map(&mut memo.events, events))
+            .with_fast("steps", memo_map(&mut memo.steps, steps))
+            .with_fast("vars", memo_map(&mut memo.vars, vars))
             .with("now", Value::Timestamp(self.now.fixed_offset())))
     }
 
@@ -1113,6 +1122,34 @@ impl<'a> Machine<'a> {
         values.events.insert(ev.type_.clone(), (ev.clone(), value));
         Ok(key)
     }
+}
+
+/// The maps the last [`Machine::vars`] bound, reused while they hold the
+/// same entries: a step changes one of them at most, and building a map
+/// costs its keys and its entries.
+#[derive(Default)]
+struct VarsMemo {
+    key: Option<Val>,
+    events: Option<Val>,
+    steps: Option<Val>,
+    vars: Option<Val>,
+}
+
+/// `entries` (sorted by name, as an instance's maps iterate) as a map:
+/// `last` itself when every entry is the same value as there.
+fn memo_map(last: &mut Option<Val>, entries: Vec<(&str, Val)>) -> Val {
+    if let Some(Val::Map(map)) = last
+        && map.len() == entries.len()
+        && map
+            .iter()
+            .zip(&entries)
+            .all(|((k, v), (name, value))| **k == **name && v.is_same(value))
+    {
+        return Val::Map(map.clone());
+    }
+    let map = Val::map(entries);
+    *last = Some(map.clone());
+    map
 }
 
 fn event_value(ev: &Event, data: Val) -> Val {

@@ -744,3 +744,53 @@ fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
     assert_eq!(m.apply(&mut inst, again), Next::Idle);
     assert_eq!(settled(&mut inst, Some(at_4h)), []);
 }
+
+#[test]
+fn a_variable_set_again_is_read_with_its_new_value() {
+    // Steps read the variables through maps the machine keeps between
+    // steps while nothing in them changed; `n` changes value, not name.
+    let dir = std::env::temp_dir().join(format!("tallyman-engine-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("workflow.yaml"),
+        r#"apiVersion: tallyman.dev/v1alpha1
+kind: Workflow
+metadata: {name: counter, namespace: finance}
+spec:
+  trigger: {events: [tick], correlate: "event.data.id"}
+  steps:
+    - name: first
+      set: {n: "1"}
+    - name: second
+      set: {n: "vars.n + 1"}
+    - name: third
+      set: {seen: "vars.n"}
+    - name: done
+      emit: {type: counted, data: '{"n": vars.seen, "key": key}'}
+"#,
+    )
+    .unwrap();
+    let report = validate::validate_paths(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!report.has_errors(), "{:?}", report);
+    let wf = report
+        .valid
+        .into_iter()
+        .find_map(|r| match r.object {
+            Object::Workflow(w) => Some(*w),
+            _ => None,
+        })
+        .unwrap();
+    let def = Compiled::new(Definition::resolve(&wf, &[], &[]).unwrap()).unwrap();
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("7", &def.revision, 0);
+    assert_eq!(
+        m.apply(&mut inst, event("t-1", "tick", r#"{"id": "7"}"#)),
+        Next::Idle
+    );
+    assert_eq!(inst.status, Status::Completed, "{:?}", inst.outcome);
+    assert_eq!(
+        emits(&inst),
+        [("counted".to_string(), r#"{"key":"7","n":2}"#.to_string())]
+    );
+}

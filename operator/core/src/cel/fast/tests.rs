@@ -772,3 +772,42 @@ fn json_stable_means_the_text_parses_back_to_the_same_value() {
     // Both answers occur, so the test tells them apart.
     assert!(stable > 0 && stable < values.len());
 }
+
+#[test]
+fn a_repeated_key_keeps_its_last_value() {
+    let map = super::ValMap::from_entries(vec![
+        (Arc::from("b"), Val::Int(1)),
+        (Arc::from("a"), Val::Int(2)),
+        (Arc::from("b"), Val::Int(3)),
+        (Arc::from("c"), Val::Int(4)),
+        (Arc::from("b"), Val::Int(5)),
+    ]);
+    let entries: Vec<(String, i64)> = map
+        .iter()
+        .map(|(k, v)| match v {
+            Val::Int(i) => (k.to_string(), *i),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(entries, [("a".into(), 2), ("b".into(), 5), ("c".into(), 4)]);
+    assert!(matches!(map.get("b"), Some(Val::Int(5))));
+}
+
+#[test]
+fn the_same_value_is_the_same_share_or_an_equal_scalar_with_its_digits() {
+    let text = Val::str("EUR");
+    assert!(text.is_same(&text.clone()));
+    assert!(!text.is_same(&Val::str("EUR")), "equal, but another string");
+    let map = Val::map([("a", Val::Int(1))]);
+    assert!(map.is_same(&map.clone()));
+    assert!(!map.is_same(&Val::map([("a", Val::Int(1))])));
+    let d = |s: &str| Val::Dec(s.parse().unwrap());
+    assert!(d("1.50").is_same(&d("1.50")));
+    assert!(!d("1.5").is_same(&d("1.50")), "equal, written differently");
+    assert!(Val::Int(3).is_same(&Val::Int(3)));
+    assert!(!Val::Int(3).is_same(&Val::UInt(3)));
+    assert!(
+        !Val::Double(0.5).is_same(&Val::Double(0.5)),
+        "never compared"
+    );
+}

@@ -38,14 +38,15 @@ impl ValMap {
     pub fn from_entries(mut entries: Vec<(Arc<str>, Val)>) -> Self {
         // Stable: equal keys stay in insertion order, the last one wins.
         entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(Arc<str>, Val)> = Vec::with_capacity(entries.len());
-        for (k, v) in entries {
-            match out.last_mut() {
-                Some(last) if last.0 == k => last.1 = v,
-                _ => out.push((k, v)),
+        // In place: `later` goes, its value moves into the entry kept.
+        entries.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
             }
-        }
-        Self(out)
+            same
+        });
+        Self(entries)
     }
 
     pub fn get(&self, key: &str) -> Option<&Val> {
@@ -79,6 +80,24 @@ impl ValMap {
 }
 
 impl Val {
+    /// Whether `other` is this very value: the same shared string, list or
+    /// map, or an equal scalar written the same way (a decimal's scale
+    /// included). A cheap test, never a deep comparison: `false` does not
+    /// mean the values differ.
+    pub fn is_same(&self, other: &Val) -> bool {
+        match (self, other) {
+            (Val::Null, Val::Null) => true,
+            (Val::Bool(a), Val::Bool(b)) => a == b,
+            (Val::Int(a), Val::Int(b)) => a == b,
+            (Val::UInt(a), Val::UInt(b)) => a == b,
+            (Val::Dec(a), Val::Dec(b)) => a.serialize() == b.serialize(),
+            (Val::Str(a), Val::Str(b)) => Arc::ptr_eq(a, b),
+            (Val::List(a), Val::List(b)) => Arc::ptr_eq(a, b),
+            (Val::Map(a), Val::Map(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub fn str(s: &str) -> Val {
         Val::Str(Arc::from(s))
     }
@@ -160,9 +179,17 @@ impl Val {
 
     /// JSON text, exactly as `json::to_string` writes the CEL value.
     pub fn to_json(&self) -> Result<String, json::JsonError> {
-        let mut out = String::new();
-        if self.write_json(&mut out) {
-            Ok(out)
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        // Written into a buffer kept per thread, then copied once: one
+        // allocation of the exact size instead of one per doubling.
+        let written = SCRATCH.with_borrow_mut(|out| {
+            out.clear();
+            self.write_json(out).then(|| out.as_str().to_owned())
+        });
+        if let Some(text) = written {
+            Ok(text)
         } else {
             // Only a non-finite double has no JSON; say so in the same words.
             json::to_string(&self.to_value())
