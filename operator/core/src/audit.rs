@@ -63,6 +63,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -74,26 +75,30 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// One entry of the audit trail of one workflow instance.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+///
+/// The strings a chain repeats in every record are shared (`Arc<str>`): the
+/// instance's identity, the time of one commit, and each hash, which the
+/// next record carries as its `prev`.
 pub struct AuditRecord {
-    pub namespace: String,
-    pub workflow: String,
+    pub namespace: Arc<str>,
+    pub workflow: Arc<str>,
     /// The instance key (the correlation value, e.g. the order id).
-    pub key: String,
+    pub key: Arc<str>,
     /// Revision of the resolved workflow definition the instance ran on.
-    pub revision: String,
+    pub revision: Arc<str>,
     /// 1-based position in this instance's chain.
     pub seq: u64,
     /// RFC 3339 timestamp, produced by the writer's clock.
-    pub time: String,
+    pub time: Arc<str>,
     pub kind: AuditKind,
     pub step: Option<String>,
     /// Free-form facts: call status, decision, approver, reason … Keep
     /// numbers to integers and put decimals in strings (see the module docs).
     pub detail: Value,
     /// `hash` of the previous record of the same instance, [`GENESIS`] for seq 1.
-    pub prev: String,
+    pub prev: Arc<str>,
     /// Lowercase hex SHA-256 of the canonical encoding of all other fields.
-    pub hash: String,
+    pub hash: Arc<str>,
 }
 
 /// What an audit record records.
@@ -195,10 +200,10 @@ impl AuditRecord {
     }
 
     /// The hash this record should carry, recomputed from its content.
-    pub fn compute_hash(&self) -> String {
+    pub fn compute_hash(&self) -> Arc<str> {
         let mut hex = [0u8; 64];
         hex::encode_to_slice(self.digest(), &mut hex).expect("64 bytes hold a SHA-256 in hex");
-        String::from_utf8(hex.to_vec()).expect("hex digits are ASCII")
+        Arc::from(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
     }
 
     /// Whether `hash` matches the record's content.
@@ -350,21 +355,21 @@ fn write_string<W: fmt::Write>(w: &mut W, s: &str) -> fmt::Result {
 /// one before.
 #[derive(Clone, Debug)]
 pub struct Chain {
-    namespace: String,
-    workflow: String,
-    key: String,
-    revision: String,
+    namespace: Arc<str>,
+    workflow: Arc<str>,
+    key: Arc<str>,
+    revision: Arc<str>,
     seq: u64,
-    last_hash: String,
+    last_hash: Arc<str>,
 }
 
 impl Chain {
     /// A new chain; the first record appended is seq 1.
     pub fn new(
-        namespace: impl Into<String>,
-        workflow: impl Into<String>,
-        key: impl Into<String>,
-        revision: impl Into<String>,
+        namespace: impl Into<Arc<str>>,
+        workflow: impl Into<Arc<str>>,
+        key: impl Into<Arc<str>>,
+        revision: impl Into<Arc<str>>,
     ) -> Self {
         Chain {
             namespace: namespace.into(),
@@ -372,13 +377,13 @@ impl Chain {
             key: key.into(),
             revision: revision.into(),
             seq: 0,
-            last_hash: GENESIS.to_owned(),
+            last_hash: GENESIS.into(),
         }
     }
 
     /// Continue after the record `last_seq` whose hash is `last_hash`, as kept
     /// in the instance's state: `Chain::new(ns, wf, key, rev).resume(7, hash)`.
-    pub fn resume(mut self, last_seq: u64, last_hash: impl Into<String>) -> Self {
+    pub fn resume(mut self, last_seq: u64, last_hash: impl Into<Arc<str>>) -> Self {
         self.seq = last_seq;
         self.last_hash = last_hash.into();
         self
@@ -387,12 +392,12 @@ impl Chain {
     /// Continue after `last`, in the same instance and revision.
     pub fn after(last: &AuditRecord) -> Self {
         Chain::new(
-            &*last.namespace,
-            &*last.workflow,
-            &*last.key,
-            &*last.revision,
+            last.namespace.clone(),
+            last.workflow.clone(),
+            last.key.clone(),
+            last.revision.clone(),
         )
-        .resume(last.seq, &*last.hash)
+        .resume(last.seq, last.hash.clone())
     }
 
     /// Seq of the last record appended (or resumed from); 0 for a new chain.
@@ -408,7 +413,7 @@ impl Chain {
     /// The next record of the chain, numbered, linked and hashed.
     pub fn append(
         &mut self,
-        time: impl Into<String>,
+        time: impl Into<Arc<str>>,
         kind: AuditKind,
         step: Option<&str>,
         detail: Value,
@@ -432,37 +437,37 @@ impl Chain {
 /// state): [`Chain`] without owning anything.
 #[derive(Clone, Copy, Debug)]
 pub struct Link<'a> {
-    pub namespace: &'a str,
-    pub workflow: &'a str,
-    pub key: &'a str,
-    pub revision: &'a str,
+    pub namespace: &'a Arc<str>,
+    pub workflow: &'a Arc<str>,
+    pub key: &'a Arc<str>,
+    pub revision: &'a Arc<str>,
     /// Seq of the last record, 0 for a new chain.
     pub last_seq: u64,
     /// Hash of the last record, [`GENESIS`] for a new chain.
-    pub last_hash: &'a str,
+    pub last_hash: &'a Arc<str>,
 }
 
 impl Link<'_> {
     /// The record after the last one, numbered, linked and hashed.
     pub fn next(
         &self,
-        time: String,
+        time: Arc<str>,
         kind: AuditKind,
         step: Option<String>,
         detail: Value,
     ) -> AuditRecord {
         let mut record = AuditRecord {
-            namespace: self.namespace.to_owned(),
-            workflow: self.workflow.to_owned(),
-            key: self.key.to_owned(),
-            revision: self.revision.to_owned(),
+            namespace: self.namespace.clone(),
+            workflow: self.workflow.clone(),
+            key: self.key.clone(),
+            revision: self.revision.clone(),
             seq: self.last_seq + 1,
             time,
             kind,
             step,
             detail,
-            prev: self.last_hash.to_owned(),
-            hash: String::new(),
+            prev: self.last_hash.clone(),
+            hash: Arc::from(""),
         };
         record.hash = record.compute_hash();
         record
@@ -543,7 +548,7 @@ pub fn verify(records: &[AuditRecord]) -> VerifyReport {
         .iter()
         .map(|r| {
             let next = ids.len();
-            *ids.entry((r.namespace.as_str(), r.workflow.as_str(), r.key.as_str()))
+            *ids.entry((&*r.namespace, &*r.workflow, &*r.key))
                 .or_insert(next)
         })
         .collect();
@@ -616,9 +621,9 @@ impl Findings<'_> {
         self.problems.push((
             self.instance_of[at],
             Problem {
-                namespace: r.namespace.clone(),
-                workflow: r.workflow.clone(),
-                key: r.key.clone(),
+                namespace: r.namespace.to_string(),
+                workflow: r.workflow.to_string(),
+                key: r.key.to_string(),
                 seq,
                 kind,
                 message,
@@ -674,8 +679,8 @@ fn check_chain(chain: &[usize], intact: &[bool], repeat: &mut [bool], found: &mu
             );
         } else if intact[i] {
             // A modified record is already reported; its link proves nothing.
-            let want = before.map_or(GENESIS, |b| b.hash.as_str());
-            if r.prev != want {
+            let want = before.map_or(GENESIS, |b| &*b.hash);
+            if *r.prev != *want {
                 let (kind, message) = broken_link(r, before, chain, records);
                 found.add(i, r.seq, kind, message);
             }
@@ -822,7 +827,7 @@ mod tests {
             } else {
                 &records[i - 1].hash
             };
-            assert_eq!(r.prev, prev);
+            assert_eq!(*r.prev, *prev);
             assert_eq!(r.hash.len(), 64);
             assert!(
                 r.hash
@@ -862,7 +867,7 @@ mod tests {
     #[test]
     fn an_altered_hash_is_modified_and_breaks_the_next_link() {
         let mut records = chain_for("4711", 5);
-        records[2].hash = records[2].hash.to_uppercase();
+        records[2].hash = records[2].hash.to_uppercase().into();
         assert_eq!(
             problems(&records),
             [(3, ProblemKind::Modified), (4, ProblemKind::BrokenLink)]
@@ -953,7 +958,7 @@ mod tests {
         );
 
         let mut records = chain_for("4711", 1);
-        records[0].prev = "ab".repeat(32);
+        records[0].prev = "ab".repeat(32).into();
         records[0].hash = records[0].compute_hash();
         assert!(only_message(&records).contains("should open the chain"));
     }
@@ -984,7 +989,7 @@ mod tests {
         // Tampering with one instance is reported against that one only.
         let at = stream
             .iter()
-            .position(|r| r.key == "4712" && r.seq == 4)
+            .position(|r| &*r.key == "4712" && r.seq == 4)
             .unwrap();
         stream[at].detail["amount"] = json!("999999.00");
         let report = verify(&stream);
@@ -1040,11 +1045,8 @@ mod tests {
                 json!({})
             )
         );
-        assert_eq!((next.seq, next.prev.as_str()), (4, last.hash.as_str()));
-        assert_eq!(
-            (resumed.seq(), resumed.last_hash()),
-            (4, next.hash.as_str())
-        );
+        assert_eq!((next.seq, &*next.prev), (4, &*last.hash));
+        assert_eq!((resumed.seq(), resumed.last_hash()), (4, &*next.hash));
 
         let mut all = records.clone();
         all.push(next);
@@ -1084,7 +1086,7 @@ mod tests {
     fn the_canonical_encoding_is_what_jq_cs_prints() {
         let record: AuditRecord = serde_json::from_str(STORED).unwrap();
         assert_eq!(record.canonical_json(), JQ_CS);
-        assert_eq!(record.compute_hash(), JQ_SHA256);
+        assert_eq!(&*record.compute_hash(), JQ_SHA256);
         assert!(!record.hash_matches());
 
         let mut without_step = record.clone();

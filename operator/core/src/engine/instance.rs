@@ -173,7 +173,7 @@ pub struct Instance {
     /// Counter behind timer tokens, emit ids and case names.
     pub seq: u64,
     pub audit_seq: u64,
-    pub audit_hash: String,
+    pub audit_hash: std::sync::Arc<str>,
     /// Why the instance ended, when it did not complete.
     pub outcome: Option<String>,
     pub outbox: Vec<Outbound>,
@@ -221,7 +221,7 @@ impl Instance {
             wake_ms: None,
             seq: 0,
             audit_seq: 0,
-            audit_hash: GENESIS.to_string(),
+            audit_hash: GENESIS.into(),
             outcome: None,
             outbox: Vec::new(),
             audit_batch: None,

@@ -97,8 +97,10 @@ pub struct Machine<'a> {
     def: &'a Compiled,
     now: DateTime<Utc>,
     /// `now` in RFC 3339 (milliseconds, `Z`), the time of every audit
-    /// record of this machine: formatted once.
-    now_text: String,
+    /// record of this machine: formatted once, shared by the records.
+    now_text: Arc<str>,
+    /// The identity every audit record repeats, shared by the records.
+    ids: std::cell::RefCell<AuditIds>,
     /// Parsed event data, responses and variables, reused across the
     /// expressions of one apply instead of parsed per expression.
     cache: std::cell::RefCell<Values>,
@@ -171,7 +173,13 @@ impl<'a> Machine<'a> {
         Self {
             def,
             now,
-            now_text: now.to_rfc3339_opts(SecondsFormat::Millis, true),
+            now_text: now.to_rfc3339_opts(SecondsFormat::Millis, true).into(),
+            ids: std::cell::RefCell::new(AuditIds {
+                namespace: def.def.namespace.as_str().into(),
+                workflow: def.def.workflow.as_str().into(),
+                key: "".into(),
+                revision: "".into(),
+            }),
             cache: std::cell::RefCell::new(values),
             timings: Default::default(),
             memo: Default::default(),
@@ -996,17 +1004,22 @@ impl<'a> Machine<'a> {
         step: Option<String>,
         detail: serde_json::Value,
     ) {
+        let mut ids = self.ids.borrow_mut();
+        if *ids.key != *inst.key || *ids.revision != *inst.revision {
+            ids.key = inst.key.as_str().into();
+            ids.revision = inst.revision.as_str().into();
+        }
         let record = Link {
-            namespace: &self.def.def.namespace,
-            workflow: &self.def.def.workflow,
-            key: &inst.key,
-            revision: &inst.revision,
+            namespace: &ids.namespace,
+            workflow: &ids.workflow,
+            key: &ids.key,
+            revision: &ids.revision,
             last_seq: inst.audit_seq,
             last_hash: &inst.audit_hash,
         }
         .next(self.now_text.clone(), kind, step, detail);
         inst.audit_seq = record.seq;
-        inst.audit_hash.clone_from(&record.hash);
+        inst.audit_hash = record.hash.clone();
         inst.outbox.push(Outbound::Audit(Box::new(record)));
     }
 
@@ -1122,6 +1135,14 @@ impl<'a> Machine<'a> {
         values.events.insert(ev.type_.clone(), (ev.clone(), value));
         Ok(key)
     }
+}
+
+/// The strings every audit record of a machine's instance repeats.
+struct AuditIds {
+    namespace: Arc<str>,
+    workflow: Arc<str>,
+    key: Arc<str>,
+    revision: Arc<str>,
 }
 
 /// The maps the last [`Machine::vars`] bound, reused while they hold the

@@ -362,7 +362,11 @@ pub async fn audit_of(nats: &str, ns: &str, key: &str) -> Vec<tallyman_core::aud
         .expect("the audit stream reads");
     assert!(trail.unreadable.is_empty(), "{:?}", trail.unreadable);
     assert!(trail.removed.is_empty(), "{:?}", trail.removed);
-    let mut mine: Vec<_> = trail.records.into_iter().filter(|r| r.key == key).collect();
+    let mut mine: Vec<_> = trail
+        .records
+        .into_iter()
+        .filter(|r| &*r.key == key)
+        .collect();
     mine.sort_by_key(|r| r.seq);
     mine
 }
