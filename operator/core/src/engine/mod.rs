@@ -107,6 +107,7 @@ pub struct Machine<'a> {
     /// Steps that ran to completion in this apply, with how long each took
     /// (the worker's `step_duration` metric; calls are timed by the worker).
     timings: std::cell::RefCell<Vec<(usize, std::time::Duration)>>,
+    /// The maps of the variables bound last, see [`Machine::vars`].
     memo: std::cell::RefCell<VarsMemo>,
 }
 
@@ -1004,11 +1005,7 @@ impl<'a> Machine<'a> {
         step: Option<String>,
         detail: serde_json::Value,
     ) {
-        let mut ids = self.ids.borrow_mut();
-        if *ids.key != *inst.key || *ids.revision != *inst.revision {
-            ids.key = inst.key.as_str().into();
-            ids.revision = inst.revision.as_str().into();
-        }
+        let ids = self.ids(inst);
         let record = Link {
             namespace: &ids.namespace,
             workflow: &ids.workflow,
@@ -1021,6 +1018,17 @@ impl<'a> Machine<'a> {
         inst.audit_seq = record.seq;
         inst.audit_hash = record.hash.clone();
         inst.outbox.push(Outbound::Audit(Box::new(record)));
+    }
+
+    /// The shared identity strings of `inst`, made again only when the
+    /// machine meets another instance.
+    fn ids(&self, inst: &Instance) -> std::cell::RefMut<'_, AuditIds> {
+        let mut ids = self.ids.borrow_mut();
+        if *ids.key != *inst.key || *ids.revision != *inst.revision {
+            ids.key = inst.key.as_str().into();
+            ids.revision = inst.revision.as_str().into();
+        }
+        ids
     }
 
     fn id_prefix(&self, inst: &Instance) -> String {
@@ -1098,12 +1106,8 @@ impl<'a> Machine<'a> {
             ));
         }
         drop(cache);
+        let key = Val::Str(self.ids(inst).key.clone());
         let mut memo = self.memo.borrow_mut();
-        let key = match &memo.key {
-            Some(Val::Str(k)) if **k == *inst.key => Val::Str(k.clone()),
-            _ => Val::str(&inst.key),
-        };
-        memo.key = Some(key.clone());
         Ok(Vars::new()
             .with_fast("key", key)
             .with_fast("event", event)
@@ -1137,7 +1141,8 @@ impl<'a> Machine<'a> {
     }
 }
 
-/// The strings every audit record of a machine's instance repeats.
+/// The strings every audit record of a machine's instance repeats (the key
+/// is also its `key` variable).
 struct AuditIds {
     namespace: Arc<str>,
     workflow: Arc<str>,
@@ -1150,7 +1155,6 @@ struct AuditIds {
 /// costs its keys and its entries.
 #[derive(Default)]
 struct VarsMemo {
-    key: Option<Val>,
     events: Option<Val>,
     steps: Option<Val>,
     vars: Option<Val>,
