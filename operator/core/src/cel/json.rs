@@ -45,7 +45,7 @@ pub fn parse_fast(text: &[u8]) -> Result<super::fast::Val, JsonError> {
 fn parse_into<B: Build>(text: &[u8]) -> Result<B, JsonError> {
     let mut p = Parser { s: text, i: 0 };
     p.ws();
-    let v = p.value::<B>(0)?;
+    let v = p.value::<B>(0, &mut Vec::new(), false)?;
     p.ws();
     if p.i != p.s.len() {
         return Err(p.error("trailing characters after the JSON value"));
@@ -62,8 +62,32 @@ pub(crate) trait Build: Sized {
     fn decimal(d: rust_decimal::Decimal) -> Self;
     fn string(s: Cow<'_, str>) -> Self;
     fn list(items: Vec<Self>) -> Self;
+    /// A map key, made once per document for the objects of an array.
+    type Key: Clone;
+    fn key(s: &str) -> Self::Key;
+    fn key_str(k: &Self::Key) -> &str;
     /// Entries in the order written; a repeated key keeps its last value.
-    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self;
+    fn map(entries: Vec<(Self::Key, Self)>) -> Self;
+}
+
+/// At most this many keys of a document are kept for the objects after
+/// the first of an array.
+const SHARED_KEYS: usize = 64;
+
+/// The key `s`: one already made for an earlier object of an array, or a
+/// new one (kept for the next objects when `in_array`).
+fn shared_key<B: Build>(keys: &mut Vec<B::Key>, s: &str, in_array: bool) -> B::Key {
+    if let Some(k) = keys.iter().find(|k| {
+        let t = B::key_str(k);
+        t.len() == s.len() && t == s
+    }) {
+        return k.clone();
+    }
+    let k = B::key(s);
+    if in_array && keys.len() < SHARED_KEYS {
+        keys.push(k.clone());
+    }
+    k
 }
 
 impl Build for Value {
@@ -88,10 +112,17 @@ impl Build for Value {
     fn list(items: Vec<Self>) -> Self {
         Value::List(Arc::new(items))
     }
-    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self {
+    type Key = Arc<String>;
+    fn key(s: &str) -> Self::Key {
+        Arc::new(s.to_owned())
+    }
+    fn key_str(k: &Self::Key) -> &str {
+        k.as_str()
+    }
+    fn map(entries: Vec<(Self::Key, Self)>) -> Self {
         let map: HashMap<Key, Value> = entries
             .into_iter()
-            .map(|(k, v)| (Key::String(Arc::new(k.into_owned())), v))
+            .map(|(k, v)| (Key::String(k), v))
             .collect();
         Value::Map(Map { map: Arc::new(map) })
     }
@@ -122,7 +153,16 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn value<B: Build>(&mut self, depth: usize) -> Result<B, JsonError> {
+    /// `keys`: the keys made for the objects of arrays so far, shared by
+    /// the objects that follow (an array of 50 order lines makes its keys
+    /// once, not 50 times); `in_array`: whether this value is (inside) an
+    /// element of an array.
+    fn value<B: Build>(
+        &mut self,
+        depth: usize,
+        keys: &mut Vec<B::Key>,
+        in_array: bool,
+    ) -> Result<B, JsonError> {
         if depth > MAX_DEPTH {
             return Err(self.error("nested too deeply"));
         }
@@ -140,13 +180,13 @@ impl<'a> Parser<'a> {
                     if self.s.get(self.i) != Some(&b'"') {
                         return Err(self.error("expected a string key"));
                     }
-                    let key = self.string()?;
+                    let key = shared_key::<B>(keys, &self.string()?, in_array);
                     self.ws();
                     if !self.eat(b":") {
                         return Err(self.error("expected ':'"));
                     }
                     self.ws();
-                    let v = self.value(depth + 1)?;
+                    let v = self.value(depth + 1, keys, in_array)?;
                     entries.push((key, v));
                     self.ws();
                     if self.eat(b",") {
@@ -167,7 +207,7 @@ impl<'a> Parser<'a> {
                 }
                 loop {
                     self.ws();
-                    items.push(self.value(depth + 1)?);
+                    items.push(self.value(depth + 1, keys, true)?);
                     self.ws();
                     if self.eat(b",") {
                         continue;

@@ -811,3 +811,34 @@ fn the_same_value_is_the_same_share_or_an_equal_scalar_with_its_digits() {
         "never compared"
     );
 }
+
+#[test]
+fn the_objects_of_an_array_share_their_keys() {
+    let doc = json::parse_fast(
+        br#"{"orderId": "A-1", "lines": [{"sku": "A", "qty": 1, "tax": {"rate": "0.19"}},
+                                          {"sku": "B", "qty": 2, "tax": {"rate": "0.07"}}]}"#,
+    )
+    .unwrap();
+    let Val::Map(doc) = doc else { panic!() };
+    let Some(Val::List(lines)) = doc.get("lines") else {
+        panic!()
+    };
+    let (Val::Map(first), Val::Map(second)) = (&lines[0], &lines[1]) else {
+        panic!()
+    };
+    for ((a, _), (b, _)) in first.iter().zip(second.iter()) {
+        assert!(Arc::ptr_eq(a, b), "{a} is made twice");
+    }
+    let rate = |line: &super::ValMap| match line.get("tax") {
+        Some(Val::Map(tax)) => tax.iter().next().map(|(k, v)| (k.clone(), v.clone())),
+        _ => None,
+    };
+    let (Some((k1, v1)), Some((k2, v2))) = (rate(first), rate(second)) else {
+        panic!()
+    };
+    assert!(Arc::ptr_eq(&k1, &k2), "nested objects share their keys too");
+    assert!(!v1.is_same(&v2));
+    // The values stay each object's own.
+    assert!(matches!(second.get("sku"), Some(Val::Str(s)) if &**s == "B"));
+    assert!(matches!(second.get("qty"), Some(Val::Int(2))));
+}

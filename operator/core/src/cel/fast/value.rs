@@ -271,12 +271,14 @@ impl Build for Val {
     fn list(items: Vec<Self>) -> Self {
         Val::List(Arc::new(items))
     }
-    fn map(entries: Vec<(Cow<'_, str>, Self)>) -> Self {
-        Val::Map(Arc::new(ValMap::from_entries(
-            entries
-                .into_iter()
-                .map(|(k, v)| (Arc::from(&*k), v))
-                .collect(),
-        )))
+    type Key = Arc<str>;
+    fn key(s: &str) -> Self::Key {
+        Arc::from(s)
+    }
+    fn key_str(k: &Self::Key) -> &str {
+        k
+    }
+    fn map(entries: Vec<(Self::Key, Self)>) -> Self {
+        Val::Map(Arc::new(ValMap::from_entries(entries)))
     }
 }
