@@ -234,16 +234,31 @@ async fn run(workers: usize, orders: usize, rate: usize) {
         "  bench process (load + ERP): cpu={:.1}s peak_rss={:.0}MiB",
         me.0, me.1
     );
+    let mut broker_cpu = 0.0;
     if let Some(pid) = nats.pid() {
         let u = usage(pid);
+        broker_cpu = u.0;
         println!("  nats-server: cpu={:.1}s peak_rss={:.0}MiB", u.0, u.1);
     }
+    let mut workers_cpu = 0.0;
     for p in &mut procs {
         let u = usage(p.child.id());
+        workers_cpu += u.0;
         println!("  {}: cpu={:.1}s peak_rss={:.0}MiB", p.name, u.0, u.1);
         let _ = p.child.kill();
         let _ = p.child.wait();
     }
+    // The load and the ERP do the same work per instance in every run, so
+    // CPU over theirs compares builds across the machine's speed drifts.
+    let per = |cpu: f64| cpu * 1e6 / orders as f64;
+    println!(
+        "  CPU per instance: workers {:.0} µs, nats-server {:.0} µs, load + ERP {:.0} µs; over load + ERP: workers {:.2}, nats-server {:.2}",
+        per(workers_cpu),
+        per(broker_cpu),
+        per(me.0),
+        workers_cpu / me.0,
+        broker_cpu / me.0
+    );
     assert_eq!(invoices.len(), orders, "every order invoiced exactly once");
     assert_eq!(ids.len(), orders);
 }
