@@ -24,10 +24,9 @@ use std::time::Instant;
 
 use chrono::Utc;
 use tallyman_core::engine::{
-    CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Status, Values,
-    id_prefix,
+    CallResult, Compiled, Event, Input, Instance, Machine, Next, Status, Values, id_prefix,
 };
-use tallyman_core::validate::{self, Object};
+use tallyman_core::validate;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,16 +35,9 @@ fn compiled() -> Compiled {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
     let report = validate::validate_paths(&[dir]);
     assert!(!report.has_errors(), "the example does not validate");
-    let (mut wf, mut conns, mut pols) = (None, Vec::new(), Vec::new());
-    for r in report.valid {
-        match r.object {
-            Object::Workflow(w) => wf = Some(*w),
-            Object::Connector(c) => conns.push(*c),
-            Object::ApprovalPolicy(p) => pols.push(*p),
-            _ => {}
-        }
-    }
-    let def = Definition::resolve(&wf.expect("a Workflow"), &conns, &pols).expect("resolves");
+    let def = report
+        .definition("finance", "shipment-to-invoice")
+        .expect("resolves");
     Compiled::new(def).expect("compiles")
 }
 

@@ -6,7 +6,7 @@ use chrono::TimeZone;
 
 use super::*;
 use crate::audit::{AuditRecord, verify};
-use crate::validate::{self, Object};
+use crate::validate;
 
 fn compiled(example: &str) -> Compiled {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -14,16 +14,7 @@ fn compiled(example: &str) -> Compiled {
         .join(example);
     let report = validate::validate_paths(&[dir]);
     assert!(!report.has_errors());
-    let (mut wf, mut conns, mut pols) = (None, Vec::new(), Vec::new());
-    for r in report.valid {
-        match r.object {
-            Object::Workflow(w) => wf = Some(*w),
-            Object::Connector(c) => conns.push(*c),
-            Object::ApprovalPolicy(p) => pols.push(*p),
-            _ => {}
-        }
-    }
-    Compiled::new(Definition::resolve(&wf.unwrap(), &conns, &pols).unwrap()).unwrap()
+    Compiled::new(report.definition("finance", example).unwrap()).unwrap()
 }
 
 fn t0() -> DateTime<Utc> {
@@ -773,15 +764,7 @@ spec:
     let report = validate::validate_paths(std::slice::from_ref(&dir));
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!report.has_errors(), "{:?}", report);
-    let wf = report
-        .valid
-        .into_iter()
-        .find_map(|r| match r.object {
-            Object::Workflow(w) => Some(*w),
-            _ => None,
-        })
-        .unwrap();
-    let def = Compiled::new(Definition::resolve(&wf, &[], &[]).unwrap()).unwrap();
+    let def = Compiled::new(report.definition("finance", "counter").unwrap()).unwrap();
     let m = Machine::new(&def, t0());
     let mut inst = Instance::new("7", &def.revision, 0);
     assert_eq!(

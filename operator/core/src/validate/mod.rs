@@ -116,6 +116,44 @@ impl Report {
     pub fn has_errors(&self) -> bool {
         self.errors().next().is_some()
     }
+
+    /// The resolved definition of the Workflow `namespace/name` among the
+    /// valid resources, with the Connectors and ApprovalPolicies of its
+    /// namespace (each placed in that namespace, as the manifests may
+    /// leave it out).
+    pub fn definition(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<crate::engine::Definition, String> {
+        let mut workflow = None;
+        let mut connectors = Vec::new();
+        let mut policies = Vec::new();
+        for r in &self.valid {
+            if r.namespace != namespace {
+                continue;
+            }
+            match &r.object {
+                Object::Workflow(w) if r.name == name => workflow = Some((**w).clone()),
+                Object::Connector(c) => connectors.push((**c).clone()),
+                Object::ApprovalPolicy(p) => policies.push((**p).clone()),
+                _ => {}
+            }
+        }
+        let Some(mut workflow) = workflow else {
+            return Err(format!(
+                "no Workflow {namespace}/{name} among the manifests"
+            ));
+        };
+        workflow.metadata.namespace = Some(namespace.to_string());
+        for c in &mut connectors {
+            c.metadata.namespace = Some(namespace.to_string());
+        }
+        for p in &mut policies {
+            p.metadata.namespace = Some(namespace.to_string());
+        }
+        crate::engine::Definition::resolve(&workflow, &connectors, &policies)
+    }
 }
 
 fn serialize_read_errors<S: serde::Serializer>(

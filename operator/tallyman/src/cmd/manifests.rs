@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use tallyman_core::engine::Definition;
 use tallyman_core::manifest::{self, Loaded};
-use tallyman_core::validate::{self, Object, Report};
+use tallyman_core::validate::{self, Report};
 
 /// A valid set of manifests.
 pub struct Set {
@@ -41,30 +41,8 @@ impl Set {
 
     /// The resolved definition of one Workflow.
     pub fn definition(&self, namespace: &str, name: &str) -> anyhow::Result<Definition> {
-        let mut workflow = None;
-        let mut connectors = Vec::new();
-        let mut policies = Vec::new();
-        for r in &self.report.valid {
-            if r.namespace != namespace {
-                continue;
-            }
-            match &r.object {
-                Object::Workflow(w) if r.name == name => workflow = Some((**w).clone()),
-                Object::Connector(c) => connectors.push((**c).clone()),
-                Object::ApprovalPolicy(p) => policies.push((**p).clone()),
-                _ => {}
-            }
-        }
-        let Some(mut workflow) = workflow else {
-            bail!("no Workflow {namespace}/{name} among the manifests");
-        };
-        workflow.metadata.namespace = Some(namespace.to_string());
-        for c in &mut connectors {
-            c.metadata.namespace = Some(namespace.to_string());
-        }
-        for p in &mut policies {
-            p.metadata.namespace = Some(namespace.to_string());
-        }
-        Definition::resolve(&workflow, &connectors, &policies).map_err(anyhow::Error::msg)
+        self.report
+            .definition(namespace, name)
+            .map_err(anyhow::Error::msg)
     }
 }

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tallyman_connectors::StaticSecrets;
 use tallyman_core::engine::Definition;
 use tallyman_core::manifest;
-use tallyman_core::validate::{self, Object};
+use tallyman_core::validate;
 use tallyman_testing::erp::{Order, OrderLine, SimErp};
 use tallyman_testing::nats::NatsServer;
 use tallyman_worker::calls::RestCaller;
@@ -30,16 +30,7 @@ pub fn example(name: &str) -> (Definition, StaticSecrets) {
     let dir = example_dir(name);
     let report = validate::validate_paths(std::slice::from_ref(&dir));
     assert!(!report.has_errors(), "{:?}", report.diagnostics);
-    let (mut wf, mut conns, mut pols) = (None, Vec::new(), Vec::new());
-    for r in report.valid {
-        match r.object {
-            Object::Workflow(w) => wf = Some(*w),
-            Object::Connector(c) => conns.push(*c),
-            Object::ApprovalPolicy(p) => pols.push(*p),
-            _ => {}
-        }
-    }
-    let def = Definition::resolve(&wf.expect("a workflow"), &conns, &pols).expect("resolves");
+    let def = report.definition("finance", name).expect("resolves");
     let loaded = manifest::load(&[dir]);
     let secrets =
         StaticSecrets::from_manifests(loaded.documents.iter().map(|d| &d.value), &def.namespace);
