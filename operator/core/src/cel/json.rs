@@ -77,10 +77,7 @@ const SHARED_KEYS: usize = 64;
 /// The key `s`: one already made for an earlier object of an array, or a
 /// new one (kept for the next objects when `in_array`).
 fn shared_key<B: Build>(keys: &mut Vec<B::Key>, s: &str, in_array: bool) -> B::Key {
-    if let Some(k) = keys.iter().find(|k| {
-        let t = B::key_str(k);
-        t.len() == s.len() && t == s
-    }) {
+    if let Some(k) = keys.iter().find(|k| B::key_str(k) == s) {
         return k.clone();
     }
     let k = B::key(s);

@@ -50,15 +50,11 @@ impl ValMap {
     }
 
     pub fn get(&self, key: &str) -> Option<&Val> {
-        // Most maps are a JSON object's few fields: a scan that compares
-        // bytes only where the length matches beats a binary search that
-        // compares strings at every probe.
+        // Most maps are a JSON object's few fields: a scan (string equality
+        // compares bytes only where the lengths match) beats a binary search
+        // that orders strings at every probe.
         if self.0.len() <= 8 {
-            return self
-                .0
-                .iter()
-                .find(|(k, _)| k.len() == key.len() && k.as_ref() == key)
-                .map(|(_, v)| v);
+            return self.0.iter().find(|(k, _)| **k == *key).map(|(_, v)| v);
         }
         self.0
             .binary_search_by(|(k, _)| k.as_ref().cmp(key))
