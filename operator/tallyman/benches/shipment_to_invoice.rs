@@ -12,6 +12,7 @@
 //!
 //! Prints instances/s, p50/p99 latency (second event published → the
 //! invoice.created event received), CPU seconds and peak RSS per process,
+//! the share of the cores busy and the CPU per instance over the timed run,
 //! and checks that every order has exactly one invoice.
 
 use std::collections::HashMap;
@@ -141,6 +142,16 @@ async fn run(workers: usize, orders: usize, rate: usize) {
             last
         })
     };
+    // CPU from here to the last invoice: what the timed run cost, without
+    // start-up, stream creation and seeding the ERP.
+    let cpu_now = |procs: &[Proc]| {
+        (
+            usage(std::process::id()).0,
+            nats.pid().map_or(0.0, |pid| usage(pid).0),
+            procs.iter().map(|p| usage(p.child.id()).0).sum::<f64>(),
+        )
+    };
+    let cpu_before = cpu_now(&procs);
     let start = Instant::now();
     let mut pending = Vec::with_capacity(512);
     for i in 0..orders {
@@ -179,6 +190,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     }
     let published = start.elapsed();
     let last = done.await.unwrap();
+    let cpu_after = cpu_now(&procs);
     let elapsed = last.duration_since(start);
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort();
@@ -234,30 +246,33 @@ async fn run(workers: usize, orders: usize, rate: usize) {
         "  bench process (load + ERP): cpu={:.1}s peak_rss={:.0}MiB",
         me.0, me.1
     );
-    let mut broker_cpu = 0.0;
     if let Some(pid) = nats.pid() {
         let u = usage(pid);
-        broker_cpu = u.0;
         println!("  nats-server: cpu={:.1}s peak_rss={:.0}MiB", u.0, u.1);
     }
-    let mut workers_cpu = 0.0;
     for p in &mut procs {
         let u = usage(p.child.id());
-        workers_cpu += u.0;
         println!("  {}: cpu={:.1}s peak_rss={:.0}MiB", p.name, u.0, u.1);
         let _ = p.child.kill();
         let _ = p.child.wait();
     }
-    // The load and the ERP do the same work per instance in every run, so
-    // CPU over theirs compares builds across the machine's speed drifts.
+    // Over the timed run only. The load and the ERP do the same work per
+    // instance in every run, so CPU over theirs compares builds across the
+    // machine's speed drifts.
+    let bench_cpu = cpu_after.0 - cpu_before.0;
+    let broker_cpu = cpu_after.1 - cpu_before.1;
+    let workers_cpu = cpu_after.2 - cpu_before.2;
     let per = |cpu: f64| cpu * 1e6 / orders as f64;
     println!(
-        "  CPU per instance: workers {:.0} µs, nats-server {:.0} µs, load + ERP {:.0} µs; over load + ERP: workers {:.2}, nats-server {:.2}",
+        "  timed run: {:.0} % of the machine's cores busy; CPU per instance: workers {:.0} µs, nats-server {:.0} µs, load + ERP {:.0} µs; over load + ERP: workers {:.2}, nats-server {:.2}",
+        100.0 * (bench_cpu + broker_cpu + workers_cpu)
+            / elapsed.as_secs_f64()
+            / std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
         per(workers_cpu),
         per(broker_cpu),
-        per(me.0),
-        workers_cpu / me.0,
-        broker_cpu / me.0
+        per(bench_cpu),
+        workers_cpu / bench_cpu,
+        broker_cpu / bench_cpu
     );
     assert_eq!(invoices.len(), orders, "every order invoiced exactly once");
     assert_eq!(ids.len(), orders);
