@@ -171,6 +171,114 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
     );
 }
 
+/// Completes `n` orders on one replica, then sends every event again (past
+/// the broker's window) to a new replica that holds nothing, with both
+/// events of an order taken from the consumer together where they arrive
+/// together. Returns the new replica's stats once every repeat is absorbed.
+async fn orders_again_to_a_replica_holding_nothing(
+    env: &Env,
+    n: usize,
+) -> std::sync::Arc<tallyman_worker::Stats> {
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        seed_order(&env.erp, &order, 5, "0.10");
+        publish(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+        let shipment = shipment_data(&order, 5);
+        publish(&js, NS, "shipment.confirmed", &format!("s-{i}"), &shipment).await;
+    }
+    let stats = first.worker.stats.clone();
+    wait_for("every order to complete", Duration::from_secs(20), || {
+        stats.completed.load(Ordering::Relaxed) == n as u64
+    })
+    .await;
+    first.shutdown().await;
+    assert_eq!(env.erp.invoice_count(), n);
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        publish_again(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+        let shipment = shipment_data(&order, 5);
+        publish_again(&js, NS, "shipment.confirmed", &format!("s-{i}"), &shipment).await;
+    }
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "every repeat to be absorbed",
+        Duration::from_secs(20),
+        || stats.duplicates.load(Ordering::Relaxed) == 2 * n as u64,
+    )
+    .await;
+    run.shutdown().await;
+    assert_eq!(stats.started.load(Ordering::Relaxed), 0, "no new instance");
+    // Meeting the stored instance is no race: nothing for the conflicts alert.
+    assert_eq!(stats.conflicts.load(Ordering::Relaxed), 0);
+    let report = verified_trail(&env.nats.url(), NS).await;
+    assert!(report.is_ok(), "{:?}", report.problems);
+    assert_eq!(report.instances, n);
+    stats
+}
+
+/// An order's two events taken together by a replica that does not hold
+/// its instance run before the store is read, calls included, because
+/// every call of the workflow repeats without a second effect (a GET, an
+/// idempotency key). When the instance exists after all, the ERP
+/// recognises the repeated invoice, the create fails, and the stored
+/// instance absorbs both events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_run_before_the_store_is_read_only_repeat_calls_with_their_keys() {
+    let env = env("shipment-to-invoice").await;
+    let stats = orders_again_to_a_replica_holding_nothing(&env, 5).await;
+    assert_eq!(env.erp.invoice_count(), 5, "no second invoice");
+    // A lone event leaves a new instance waiting and calls nothing; each
+    // order whose two events were taken together ran on the guess: it read
+    // the ERP's order again and asked for its invoice again, with the same
+    // key.
+    let guessed = env.erp.requests("/orders") - 5;
+    assert!(guessed > 0, "no order's events were taken together");
+    assert_eq!(env.erp.duplicates_prevented(), guessed);
+    assert_eq!(env.erp.requests("/invoices"), 5 + guessed);
+    assert_eq!(env.erp.idempotency_mismatches(), 0);
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 10);
+}
+
+/// Where a call could book twice (a POST without an idempotency header or a
+/// lookup), the replica reads the store before it runs anything that calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_that_would_call_without_a_key_read_the_store_first() {
+    let mut env = env("shipment-to-invoice").await;
+    let create = env
+        .def
+        .connectors
+        .get_mut("erp")
+        .and_then(|c| c.rest.as_mut())
+        .and_then(|r| r.actions.get_mut("createInvoice"))
+        .expect("the example's invoice action");
+    create.idempotency = None;
+    // Taken together as in the test above (where the guess is seen to be
+    // made), but read first.
+    orders_again_to_a_replica_holding_nothing(&env, 5).await;
+    assert_eq!(env.erp.invoice_count(), 5, "no second invoice");
+    assert_eq!(env.erp.requests("/invoices"), 5, "nothing posted again");
+    // Each order's first run read the ERP's order once; nothing was
+    // called on a guess.
+    assert_eq!(env.erp.requests("/orders"), 5);
+}
+
 /// A backlog (a worker that was down, a burst of webhooks) holds several
 /// events of one instance: those taken from the consumer together are
 /// applied in one commit, so the instance is stored, audited and, when it

@@ -777,3 +777,51 @@ spec:
         [("counted".to_string(), r#"{"key":"7","n":2}"#.to_string())]
     );
 }
+
+/// Whether a new instance's events may run, calls included, before the
+/// store is read: only when no call could book twice.
+#[test]
+fn calls_are_repeatable_only_while_every_call_is() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    let report = validate::validate_paths(&[dir]);
+    let def = report.definition("finance", "shipment-to-invoice").unwrap();
+    // A GET, and a POST with an idempotency header.
+    assert!(Compiled::new(def.clone()).unwrap().calls_repeatable);
+
+    let mut keyless = def.clone();
+    let create = keyless
+        .connectors
+        .get_mut("erp")
+        .and_then(|c| c.rest.as_mut())
+        .and_then(|r| r.actions.get_mut("createInvoice"))
+        .unwrap();
+    create.idempotency = None;
+    assert!(!Compiled::new(keyless.clone()).unwrap().calls_repeatable);
+
+    // A lookup asks before every attempt: repeatable again.
+    let find = tallyman_api::v1alpha1::Action {
+        method: tallyman_api::v1alpha1::HttpMethod::Get,
+        path: "/invoices?reference={reference}".into(),
+        idempotency: None,
+    };
+    keyless
+        .connectors
+        .get_mut("erp")
+        .and_then(|c| c.rest.as_mut())
+        .unwrap()
+        .actions
+        .insert("findInvoice".into(), find);
+    let invoice = keyless
+        .spec
+        .steps
+        .iter_mut()
+        .find(|s| s.name == "invoice")
+        .and_then(|s| s.call.as_mut())
+        .unwrap();
+    invoice.lookup = Some(tallyman_api::v1alpha1::Lookup {
+        action: "findInvoice".into(),
+        params: [("reference".to_string(), "'inv-' + key".to_string())].into(),
+        found: "response.status == 200".into(),
+    });
+    assert!(Compiled::new(keyless).unwrap().calls_repeatable);
+}
