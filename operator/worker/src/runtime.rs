@@ -837,6 +837,7 @@ impl Worker {
                 // Nothing new: every event was applied before.
                 return Ok(());
             }
+            let calls_made = call_steps.len();
             self.observe_steps(machine.take_step_timings(), call_steps);
             inst.settle_wake(scheduled);
             inst.seal_audits(&self.msg_prefix(key))
@@ -892,6 +893,13 @@ impl Worker {
                 // the second event of an order on the other replica), so
                 // not counted as a conflict.
                 Err((true, _)) if unread => {
+                    if calls_made > 0 {
+                        self.metrics
+                            .worker
+                            .call_steps_repeated
+                            .get_or_create(&self.labels)
+                            .inc_by(calls_made as u64);
+                    }
                     assume_new = false;
                     debug!(key, "instance exists; reading it");
                     continue;

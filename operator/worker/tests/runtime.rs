@@ -174,11 +174,15 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
 /// Completes `n` orders on one replica, then sends every event again (past
 /// the broker's window) to a new replica that holds nothing, with both
 /// events of an order taken from the consumer together where they arrive
-/// together. Returns the new replica's stats once every repeat is absorbed.
+/// together. Returns the new replica's stats and metrics once every repeat
+/// is absorbed.
 async fn orders_again_to_a_replica_holding_nothing(
     env: &Env,
     n: usize,
-) -> std::sync::Arc<tallyman_worker::Stats> {
+) -> (
+    std::sync::Arc<tallyman_worker::Stats>,
+    std::sync::Arc<tallyman_telemetry::Metrics>,
+) {
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     for i in 0..n {
@@ -215,7 +219,15 @@ async fn orders_again_to_a_replica_holding_nothing(
         let shipment = shipment_data(&order, 5);
         publish_again(&js, NS, "shipment.confirmed", &format!("s-{i}"), &shipment).await;
     }
-    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
     let stats = run.worker.stats.clone();
     wait_for(
         "every repeat to be absorbed",
@@ -230,7 +242,20 @@ async fn orders_again_to_a_replica_holding_nothing(
     let report = verified_trail(&env.nats.url(), NS).await;
     assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.instances, n);
-    stats
+    (stats, metrics)
+}
+
+/// The value of `tallyman_worker_call_steps_repeated_total` for the
+/// example's workflow (0 while it has no series).
+fn call_steps_repeated(metrics: &tallyman_telemetry::Metrics) -> u64 {
+    let series = format!(
+        "tallyman_worker_call_steps_repeated_total{{namespace=\"{NS}\",workflow=\"shipment-to-invoice\"}} "
+    );
+    metrics
+        .encode()
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map_or(0, |v| v.parse().expect("a counter"))
 }
 
 /// An order's two events taken together by a replica that does not hold
@@ -242,7 +267,7 @@ async fn orders_again_to_a_replica_holding_nothing(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_run_before_the_store_is_read_only_repeat_calls_with_their_keys() {
     let env = env("shipment-to-invoice").await;
-    let stats = orders_again_to_a_replica_holding_nothing(&env, 5).await;
+    let (stats, metrics) = orders_again_to_a_replica_holding_nothing(&env, 5).await;
     assert_eq!(env.erp.invoice_count(), 5, "no second invoice");
     // A lone event leaves a new instance waiting and calls nothing; each
     // order whose two events were taken together ran on the guess: it read
@@ -254,6 +279,8 @@ async fn events_run_before_the_store_is_read_only_repeat_calls_with_their_keys()
     assert_eq!(env.erp.requests("/invoices"), 5 + guessed);
     assert_eq!(env.erp.idempotency_mismatches(), 0);
     assert_eq!(stats.duplicates.load(Ordering::Relaxed), 10);
+    // Both call steps of each such order, for the SRE to see.
+    assert_eq!(call_steps_repeated(&metrics), 2 * guessed as u64);
 }
 
 /// Where a call could book twice (a POST without an idempotency header or a
@@ -271,8 +298,9 @@ async fn events_that_would_call_without_a_key_read_the_store_first() {
     create.idempotency = None;
     // Taken together as in the test above (where the guess is seen to be
     // made), but read first.
-    orders_again_to_a_replica_holding_nothing(&env, 5).await;
+    let (_, metrics) = orders_again_to_a_replica_holding_nothing(&env, 5).await;
     assert_eq!(env.erp.invoice_count(), 5, "no second invoice");
+    assert_eq!(call_steps_repeated(&metrics), 0);
     assert_eq!(env.erp.requests("/invoices"), 5, "nothing posted again");
     // Each order's first run read the ERP's order once; nothing was
     // called on a guess.
