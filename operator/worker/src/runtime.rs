@@ -704,15 +704,12 @@ impl Worker {
             return Ok(());
         };
         let kv_key = kv_key(key);
-        // Events for an instance this process does not hold are most often
-        // those of a new instance: try to create it without reading first
-        // (one broker round trip less). A conflict reads the stored instance
-        // and runs the events again on it. Calls made on that guess happen
-        // twice, so the guess is taken only where nothing is called (a lone
-        // event that leaves the new instance idle) or where every call of
-        // the workflow repeats without a second effect.
-        let mut assume_new = inputs.iter().all(|i| matches!(i, Input::Event(_)))
-            && (inputs.len() == 1 || self.current.calls_repeatable);
+        // An event for an instance this process does not hold is most often
+        // the first of a new instance: try to create it without reading
+        // first (one broker request less). Only for a lone event that leaves
+        // the new instance idle, so nothing is called on that assumption; a
+        // conflict reads the stored instance and runs the event again.
+        let mut assume_new = inputs.len() == 1 && matches!(first_input, Input::Event(_));
         // Calls and their retries keep the messages they serve alive.
         let heartbeat = {
             let msgs = msgs.to_vec();
@@ -750,10 +747,6 @@ impl Worker {
                     let first = assume_new.then(|| machine.apply(&mut fresh, first_input.clone()));
                     let stored = match first {
                         Some(Next::Idle) => {
-                            unread = true;
-                            None
-                        }
-                        Some(_) if self.current.calls_repeatable => {
                             unread = true;
                             None
                         }
@@ -837,7 +830,6 @@ impl Worker {
                 // Nothing new: every event was applied before.
                 return Ok(());
             }
-            let calls_made = call_steps.len();
             self.observe_steps(machine.take_step_timings(), call_steps);
             inst.settle_wake(scheduled);
             inst.seal_audits(&self.msg_prefix(key))
@@ -893,13 +885,6 @@ impl Worker {
                 // the second event of an order on the other replica), so
                 // not counted as a conflict.
                 Err((true, _)) if unread => {
-                    if calls_made > 0 {
-                        self.metrics
-                            .worker
-                            .call_steps_repeated
-                            .get_or_create(&self.labels)
-                            .inc_by(calls_made as u64);
-                    }
                     assume_new = false;
                     debug!(key, "instance exists; reading it");
                     continue;

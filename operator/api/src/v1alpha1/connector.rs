@@ -277,14 +277,6 @@ pub struct Action {
     pub idempotency: Option<Idempotency>,
 }
 
-impl Action {
-    /// Calling it twice has the effect of calling it once: a GET, or an
-    /// action whose calls carry an idempotency key.
-    pub fn is_repeatable(&self) -> bool {
-        self.method == HttpMethod::Get || self.idempotency.is_some()
-    }
-}
-
 /// HTTP methods an action may use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]

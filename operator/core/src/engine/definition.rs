@@ -117,13 +117,6 @@ pub struct Compiled {
     pub policies: BTreeMap<String, CompiledPolicy>,
     pub sla: Option<std::time::Duration>,
     pub sla_exception: bool,
-    /// Every call step's effect happens once however often it is made (its
-    /// action is a GET or takes an idempotency key, or the call has a
-    /// `lookup`). A new instance's events may then run, calls included,
-    /// before the store is read: should the instance exist after all, the
-    /// calls made on that guess are repeats the systems behind them
-    /// recognise.
-    pub calls_repeatable: bool,
 }
 
 #[derive(Debug)]
@@ -407,22 +400,7 @@ impl Compiled {
             return Err(c.errors);
         }
         let revision = def.revision();
-        let calls_repeatable = def
-            .spec
-            .steps
-            .iter()
-            .filter_map(|s| s.call.as_ref())
-            .all(|call| {
-                call.lookup.is_some()
-                    || def
-                        .connectors
-                        .get(&call.connector)
-                        .and_then(|c| c.rest.as_ref())
-                        .and_then(|r| r.actions.get(&call.action))
-                        .is_some_and(|a| a.is_repeatable())
-            });
         Ok(Self {
-            calls_repeatable,
             revision,
             correlate: correlate.expect("no errors"),
             steps,

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 use tallyman_api::v1alpha1::{
-    Action, ApprovalPolicy, ApprovalStep, Connector, Outcome, Route, SecretKeyRef, SignatureScheme,
-    Step, Workflow,
+    Action, ApprovalPolicy, ApprovalStep, Connector, HttpMethod, Outcome, Route, SecretKeyRef,
+    SignatureScheme, Step, Workflow,
 };
 
 use super::document::{Object, Resource, external_secrets};
@@ -412,7 +412,8 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
                         );
                     }
                     if let Some(action) = action
-                        && !action.is_repeatable()
+                        && action.method != HttpMethod::Get
+                        && action.idempotency.is_none()
                         && call.lookup.is_none()
                     {
                         cx.warning(

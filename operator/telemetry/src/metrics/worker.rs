@@ -34,9 +34,6 @@ pub struct WorkerMetrics {
     pub dead_letters: Family<StepLabels, Counter>,
     /// Compare-and-set writes of instance state that lost to another writer.
     pub cas_conflicts: Family<WorkflowLabels, Counter>,
-    /// Call steps run on a new instance before the store was read, run
-    /// again on the stored instance that existed after all.
-    pub call_steps_repeated: Family<WorkflowLabels, Counter>,
     /// Messages the durable consumer has not delivered yet (consumer lag).
     pub consumer_pending: Family<WorkflowLabels, Gauge>,
     /// Running instances held in memory between their inputs.
@@ -101,10 +98,6 @@ impl WorkerMetrics {
             cas_conflicts: r.counter(
                 "tallyman_worker_cas_conflicts",
                 "Instance state writes that lost a compare-and-set race and were retried",
-            ),
-            call_steps_repeated: r.counter(
-                "tallyman_worker_call_steps_repeated",
-                "Call steps run on an instance assumed new that existed after all, so run again on it",
             ),
             consumer_pending: r.gauge(
                 "tallyman_worker_consumer_pending",
