@@ -171,6 +171,91 @@ async fn a_replica_without_the_instance_in_memory_still_applies_an_event_once() 
     );
 }
 
+/// Events for an instance a replica does not hold are run on it as stored,
+/// never on a fresh instance before the store is read: calls are made from
+/// the stored state. Here the invoice's key is taken from the shipment, and
+/// the source sends both events again after the broker's window, the
+/// shipment corrected under the same event id. Run on a fresh instance,
+/// the corrected shipment would give a new key and a second invoice; read
+/// first, both events are repeats and nothing is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_sent_again_are_judged_against_the_stored_instance_before_any_call() {
+    let mut env = env("shipment-to-invoice").await;
+    let invoice = env
+        .def
+        .spec
+        .steps
+        .iter_mut()
+        .find(|s| s.name == "invoice")
+        .and_then(|s| s.call.as_mut())
+        .expect("the example's invoice step");
+    invoice.idempotency_key = Some("'inv-' + events['shipment.confirmed'].data.shipmentId".into());
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let n = 5;
+    let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        seed_order(&env.erp, &order, 5, "0.10");
+        publish(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+        let shipment = shipment_data(&order, 5);
+        publish(&js, NS, "shipment.confirmed", &format!("s-{i}"), &shipment).await;
+    }
+    let stats = first.worker.stats.clone();
+    wait_for("every order to complete", Duration::from_secs(20), || {
+        stats.completed.load(Ordering::Relaxed) == n
+    })
+    .await;
+    first.shutdown().await;
+    assert_eq!(env.erp.invoice_count(), n as usize);
+    let orders_read = env.erp.requests("/orders");
+
+    // Both events again, back to back while nobody consumes, so that a new
+    // replica takes each order's two together.
+    for i in 0..n {
+        let order = format!("ORD-{i}");
+        publish_again(
+            &js,
+            NS,
+            "order.created",
+            &format!("o-{i}"),
+            &order_data(&order),
+        )
+        .await;
+        let corrected = shipment_data(&order, 5).replace("SH-", "SH-CORRECTED-");
+        publish_again(&js, NS, "shipment.confirmed", &format!("s-{i}"), &corrected).await;
+    }
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "every repeat to be absorbed",
+        Duration::from_secs(20),
+        || stats.duplicates.load(Ordering::Relaxed) == 2 * n,
+    )
+    .await;
+    run.shutdown().await;
+    assert_eq!(env.erp.invoice_count(), n as usize, "no second invoice");
+    assert_eq!(
+        env.erp.requests("/invoices"),
+        n as usize,
+        "nothing posted again"
+    );
+    assert_eq!(
+        env.erp.requests("/orders"),
+        orders_read,
+        "nothing called again"
+    );
+    assert_eq!(stats.started.load(Ordering::Relaxed), 0, "no new instance");
+    let report = verified_trail(&env.nats.url(), NS).await;
+    assert!(report.is_ok(), "{:?}", report.problems);
+}
+
 /// A backlog (a worker that was down, a burst of webhooks) holds several
 /// events of one instance: those taken from the consumer together are
 /// applied in one commit, so the instance is stored, audited and, when it
