@@ -67,9 +67,12 @@ async fn nats_killed_and_restarted_mid_run_loses_nothing() {
 async fn a_worker_stopped_with_sigterm_exits_cleanly_and_the_next_one_finishes() {
     let nats = NatsServer::start();
     let erp = SimErp::start().await;
-    // Slow invoices, so the stop comes while many are in flight.
+    // Slow invoices, so the stop comes while many are in flight, and more
+    // orders than a few rounds of 64 messages in flight finish, so that
+    // some are still waiting when the stop comes even on a busy machine
+    // (with 100, a CI run under load once saw all of them done first).
     erp.delay("/invoices", Duration::from_millis(200));
-    let n = 100;
+    let n = 300;
     let first = WorkerProcess::start(&nats.url(), &erp.base_url());
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     publish_orders(&js, &erp, n).await;
