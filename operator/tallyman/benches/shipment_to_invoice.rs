@@ -8,6 +8,7 @@
 //! cargo bench -p tallyman --bench shipment_to_invoice                 # both worker counts, max rate
 //! BENCH_WORKERS=1 BENCH_ORDERS=20000 BENCH_RATE=1500 cargo bench ...  # paced, for latency
 //! BENCH_CONNECTIONS=2 ...                                               # NATS connections per worker (4)
+//! BENCH_HOLD=1 BENCH_WORKERS=1 BENCH_ORDERS=20000 cargo bench ...        # memory of held instances
 //! ```
 //!
 //! Prints instances/s, p50/p99 latency (second event published → the
@@ -111,6 +112,14 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for i in 0..orders {
         erp.seed_order(orders::order(i));
+    }
+    if std::env::var_os("BENCH_HOLD").is_some() {
+        held_memory(&js, &procs, orders).await;
+        for p in &mut procs {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+        return;
     }
     let sent: Arc<Mutex<HashMap<String, Instant>>> =
         Arc::new(Mutex::new(HashMap::with_capacity(orders)));
@@ -276,6 +285,70 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     );
     assert_eq!(invoices.len(), orders, "every order invoiced exactly once");
     assert_eq!(ids.len(), orders);
+}
+
+/// Resident memory of a process in MiB (now, not the peak).
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+/// `BENCH_HOLD=1`: only each order's `order.created`, so every instance
+/// waits for its shipment and the first worker holds it in memory. Prints
+/// the worker's resident memory per instance held against what it
+/// estimates (its `--instance-cache-mib` budget must hold them all).
+async fn held_memory(js: &jetstream::Context, procs: &[Proc], orders: usize) {
+    let pid = procs[0].child.id();
+    let before = rss_mib(pid);
+    let mut pending = Vec::with_capacity(256);
+    for i in 0..orders {
+        let [(ty, id, payload), _] = orders::events(i, "bench");
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        pending.push(
+            js.publish_with_headers(
+                format!("tallyman.{NS}.events.{ty}"),
+                headers,
+                Bytes::from(payload),
+            )
+            .await
+            .unwrap(),
+        );
+        if pending.len() >= 256 {
+            for ack in pending.drain(..) {
+                ack.await.unwrap();
+            }
+        }
+    }
+    for ack in pending.drain(..) {
+        ack.await.unwrap();
+    }
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
+    let mut bucket = js
+        .get_stream(format!("KV_{}", names.instances_bucket()))
+        .await
+        .unwrap();
+    // The stream's state read afresh each time (the store's status is the
+    // info it was opened with).
+    while (bucket.info().await.unwrap().state.messages as usize) < orders {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored = kv.get("ORD-0").await.unwrap().map_or(0, |v| v.len());
+    // Let the last commits settle into the held set.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mib(pid);
+    let per = (after - before) * 1_048_576.0 / orders as f64;
+    println!(
+        "held instances: {orders}, stored {stored} bytes each; worker resident memory {before:.1} -> {after:.1} MiB: {per:.0} bytes per instance, {:.1} times the stored size",
+        per / stored as f64
+    );
 }
 
 fn main() {
