@@ -299,10 +299,11 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
-/// `BENCH_HOLD=1`: only each order's `order.created`, so every instance
-/// waits for its shipment and the first worker holds it in memory. Prints
-/// the worker's resident memory per instance held against what it
-/// estimates (its `--instance-cache-mib` budget must hold them all).
+/// `BENCH_HOLD=1` (with one worker): only each order's `order.created`, so
+/// every instance waits for its shipment and the worker holds it in
+/// memory. Prints the worker's resident memory per instance held, also
+/// over the size it is stored as (what the `--instance-cache-mib` budget
+/// multiplies; the budget must hold them all).
 async fn held_memory(js: &jetstream::Context, procs: &[Proc], orders: usize) {
     let pid = procs[0].child.id();
     let before = rss_mib(pid);
