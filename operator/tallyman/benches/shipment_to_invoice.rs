@@ -28,7 +28,7 @@ use futures_util::StreamExt;
 use tallyman_testing::erp::SimErp;
 use tallyman_testing::nats::NatsServer;
 use tallyman_testing::orders;
-use tallyman_testing::procstat::usage;
+use tallyman_testing::procstat::{rss_mib, usage};
 
 const NS: &str = "finance";
 
@@ -55,6 +55,47 @@ fn manifests(dir: &Path) -> PathBuf {
         }
     }
     dir.to_path_buf()
+}
+
+/// Publishes events to JetStream as the load does: with `Nats-Msg-Id`, up
+/// to 256 acknowledgements awaited together.
+struct Load {
+    js: jetstream::Context,
+    pending: Vec<jetstream::context::PublishAckFuture>,
+}
+
+impl Load {
+    fn new(js: &jetstream::Context) -> Self {
+        Self {
+            js: js.clone(),
+            pending: Vec::with_capacity(256),
+        }
+    }
+
+    async fn publish(&mut self, ty: &str, id: &str, payload: String) {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        self.pending.push(
+            self.js
+                .publish_with_headers(
+                    format!("tallyman.{NS}.events.{ty}"),
+                    headers,
+                    Bytes::from(payload),
+                )
+                .await
+                .unwrap(),
+        );
+        if self.pending.len() >= 256 {
+            self.flush().await;
+        }
+    }
+
+    /// Wait for every acknowledgement outstanding.
+    async fn flush(&mut self) {
+        for ack in self.pending.drain(..) {
+            ack.await.unwrap();
+        }
+    }
 }
 
 struct Proc {
@@ -162,7 +203,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     };
     let cpu_before = cpu_now(&procs);
     let start = Instant::now();
-    let mut pending = Vec::with_capacity(512);
+    let mut load = Load::new(&js);
     for i in 0..orders {
         if rate > 0 {
             let due = start + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -171,32 +212,15 @@ async fn run(workers: usize, orders: usize, rate: usize) {
             }
         }
         for (ty, id, payload) in orders::events(i, "bench") {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
             if ty == "shipment.confirmed" {
                 sent.lock()
                     .unwrap()
                     .insert(format!("ORD-{i}"), Instant::now());
             }
-            pending.push(
-                js.publish_with_headers(
-                    format!("tallyman.{NS}.events.{ty}"),
-                    headers,
-                    Bytes::from(payload),
-                )
-                .await
-                .unwrap(),
-            );
-            if pending.len() >= 256 {
-                for ack in pending.drain(..) {
-                    ack.await.unwrap();
-                }
-            }
+            load.publish(ty, &id, payload).await;
         }
     }
-    for ack in pending.drain(..) {
-        ack.await.unwrap();
-    }
+    load.flush().await;
     let published = start.elapsed();
     let last = done.await.unwrap();
     let cpu_after = cpu_now(&procs);
@@ -287,18 +311,6 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     assert_eq!(ids.len(), orders);
 }
 
-/// Resident memory of a process in MiB (now, not the peak).
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 /// `BENCH_HOLD=1` (with one worker): only each order's `order.created`, so
 /// every instance waits for its shipment and the worker holds it in
 /// memory. Prints the worker's resident memory per instance held, also
@@ -307,29 +319,12 @@ fn rss_mib(pid: u32) -> f64 {
 async fn held_memory(js: &jetstream::Context, procs: &[Proc], orders: usize) {
     let pid = procs[0].child.id();
     let before = rss_mib(pid);
-    let mut pending = Vec::with_capacity(256);
+    let mut load = Load::new(js);
     for i in 0..orders {
         let [(ty, id, payload), _] = orders::events(i, "bench");
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
-        pending.push(
-            js.publish_with_headers(
-                format!("tallyman.{NS}.events.{ty}"),
-                headers,
-                Bytes::from(payload),
-            )
-            .await
-            .unwrap(),
-        );
-        if pending.len() >= 256 {
-            for ack in pending.drain(..) {
-                ack.await.unwrap();
-            }
-        }
+        load.publish(ty, &id, payload).await;
     }
-    for ack in pending.drain(..) {
-        ack.await.unwrap();
-    }
+    load.flush().await;
     let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
     let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
     let mut bucket = js

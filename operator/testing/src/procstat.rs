@@ -16,12 +16,22 @@ pub fn usage(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     let cpu = (ticks(11) + ticks(12)) / 100.0;
+    (cpu, memory_mib(pid, "VmHWM:"))
+}
+
+/// Resident memory of a process now (not its peak), in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    memory_mib(pid, "VmRSS:")
+}
+
+/// A memory field (`VmHWM:`, `VmRSS:`, kB) of /proc/PID/status, in MiB.
+fn memory_mib(pid: u32, field: &str) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm = status
+    let kib = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))
+        .find(|l| l.starts_with(field))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    (cpu, hwm / 1024.0)
+    kib / 1024.0
 }
