@@ -192,20 +192,24 @@ async fn events_sent_again_are_judged_against_the_stored_instance_before_any_cal
     invoice.idempotency_key = Some("'inv-' + events['shipment.confirmed'].data.shipmentId".into());
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     let n = 5;
+    // Order i's two events, the shipment as sent first or corrected.
+    let events = |i: u64, corrected: bool| {
+        let order = format!("ORD-{i}");
+        let mut shipment = shipment_data(&order, 5);
+        if corrected {
+            shipment = shipment.replace("SH-", "SH-CORRECTED-");
+        }
+        [
+            ("order.created", format!("o-{i}"), order_data(&order)),
+            ("shipment.confirmed", format!("s-{i}"), shipment),
+        ]
+    };
     let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     for i in 0..n {
-        let order = format!("ORD-{i}");
-        seed_order(&env.erp, &order, 5, "0.10");
-        publish(
-            &js,
-            NS,
-            "order.created",
-            &format!("o-{i}"),
-            &order_data(&order),
-        )
-        .await;
-        let shipment = shipment_data(&order, 5);
-        publish(&js, NS, "shipment.confirmed", &format!("s-{i}"), &shipment).await;
+        seed_order(&env.erp, &format!("ORD-{i}"), 5, "0.10");
+        for (ty, id, data) in events(i, false) {
+            publish(&js, NS, ty, &id, &data).await;
+        }
     }
     let stats = first.worker.stats.clone();
     wait_for("every order to complete", Duration::from_secs(20), || {
@@ -219,17 +223,9 @@ async fn events_sent_again_are_judged_against_the_stored_instance_before_any_cal
     // Both events again, back to back while nobody consumes, so that a new
     // replica takes each order's two together.
     for i in 0..n {
-        let order = format!("ORD-{i}");
-        publish_again(
-            &js,
-            NS,
-            "order.created",
-            &format!("o-{i}"),
-            &order_data(&order),
-        )
-        .await;
-        let corrected = shipment_data(&order, 5).replace("SH-", "SH-CORRECTED-");
-        publish_again(&js, NS, "shipment.confirmed", &format!("s-{i}"), &corrected).await;
+        for (ty, id, data) in events(i, true) {
+            publish_again(&js, NS, ty, &id, &data).await;
+        }
     }
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let stats = run.worker.stats.clone();
