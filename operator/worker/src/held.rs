@@ -20,10 +20,11 @@ const MAX_INSTANCES: usize = 200_000;
 
 /// Memory per byte of stored JSON: the instance's own strings and maps,
 /// plus its parsed values. Measured (docs/benchmarks.md, "Memory of held
-/// instances"): a waiting shipment-to-invoice instance stored as 1 728
-/// bytes raised the worker's resident memory by 6.5–7.6 KB, 3.8–4.4 times
-/// as much. Set above that, as the budget is an upper bound to stay under,
-/// not an accounting.
+/// instances"): a waiting shipment-to-invoice instance stored as 1 683
+/// bytes raised the worker's resident memory by 4.0 times that with 20 000
+/// to 25 000 held, 5.0 times with 10 000 (where fixed costs still count).
+/// Set at the high end, as the budget is an upper bound to stay under, not
+/// an accounting.
 const BYTES_PER_STORED_BYTE: usize = 5;
 
 /// One held instance.
