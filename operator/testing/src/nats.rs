@@ -4,6 +4,7 @@
 //! <temp dir>/              removed when the NatsServer is dropped
 //!   store/                 -sd: JetStream file storage, kept across restart()
 //!   nats-server.log        stdout and stderr of every run, appended
+//!   nats-server.conf       -c: only for NatsServer::start_secured()
 //! ```
 //!
 //! The server listens on a loopback port picked once at start and kept for
@@ -14,6 +15,10 @@
 //! The binary is `$TALLYMAN_NATS_SERVER`, else
 //! `<workspace>/.tools/bin/nats-server` (put there by `scripts/install-nats`),
 //! else `nats-server` on `PATH`.
+//!
+//! [`NatsServer::start_secured`] starts one that requires TLS and NATS
+//! credentials files (operator mode), and [`NatsSecrets`] with the files a
+//! client needs for it.
 //!
 //! The methods block (start and restart for up to 10 s while the server
 //! comes up), which is fine at the top of a `#[tokio::test]`.
@@ -27,6 +32,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
+
+mod secured;
+
+pub use secured::NatsSecrets;
 
 /// The environment variable naming the `nats-server` binary to run.
 pub const SERVER_ENV: &str = "TALLYMAN_NATS_SERVER";
@@ -47,6 +56,8 @@ pub struct NatsServer {
     port: u16,
     store: PathBuf,
     log: PathBuf,
+    /// `-c`, passed on every run so `restart()` keeps TLS and auth.
+    config: Option<PathBuf>,
     child: Option<Child>,
     // Only held to be removed, after Drop has killed the server.
     _dir: TempDir,
@@ -59,16 +70,25 @@ impl NatsServer {
     /// # Panics
     /// When no binary is found or the server does not come up within 10 s.
     pub fn start() -> NatsServer {
+        NatsServer::start_with(|_| None)
+    }
+
+    /// Creates the temp dir, lets `configure` write files into it and name
+    /// the config file to run with, then starts the server as `start()`
+    /// does. The flags (`-js -sd -a -p`) win over the config file.
+    fn start_with(configure: impl FnOnce(&Path) -> Option<PathBuf>) -> NatsServer {
         let binary = find_binary();
         let dir = tempfile::Builder::new()
             .prefix("tallyman-nats-")
             .tempdir()
             .unwrap_or_else(|e| panic!("failed to create a temp dir for nats-server: {e}"));
+        let config = configure(dir.path());
         let mut server = NatsServer {
             binary,
             port: 0,
             store: dir.path().join("store"),
             log: dir.path().join("nats-server.log"),
+            config,
             child: None,
             _dir: dir,
         };
@@ -105,6 +125,11 @@ impl NatsServer {
     /// The server's combined output, appended across restarts.
     pub fn log_path(&self) -> &Path {
         &self.log
+    }
+
+    /// The config file (`-c`) it runs with, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config.as_deref()
     }
 
     /// Whether the server process is alive (it may have exited on its own).
@@ -202,7 +227,11 @@ impl NatsServer {
             .open(&self.log)
             .and_then(|out| Ok((out.try_clone()?, out)))
             .map_err(|e| SpawnError::new(format!("failed to open {}: {e}", self.log.display())))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(config) = &self.config {
+            command.arg("-c").arg(config);
+        }
+        let child = command
             .arg("-js")
             .arg("-sd")
             .arg(&self.store)

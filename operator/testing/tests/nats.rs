@@ -83,7 +83,7 @@ fn create_stream_with_one_message(client: &mut RawClient) {
 }
 
 /// Just enough of the NATS client protocol to ask JetStream's API a question
-/// without a client library: this crate stays free of async-nats.
+/// without a client library: the library stays free of async-nats.
 struct RawClient {
     info: String,
     reader: BufReader<TcpStream>,
