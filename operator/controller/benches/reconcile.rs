@@ -127,6 +127,7 @@ async fn bench() {
         Settings {
             image: "tallyman:bench".into(),
             nats_url: "nats://nats:4222".into(),
+            pod_nats: Default::default(),
         },
         Arc::new(Metrics::new()),
         Some("bench".into()),

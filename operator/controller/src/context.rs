@@ -19,6 +19,73 @@ pub struct Settings {
     pub image: String,
     /// Given to worker and gateway pods as `TALLYMAN_NATS_URL`.
     pub nats_url: String,
+    /// What worker and gateway pods authenticate to NATS with.
+    pub pod_nats: PodNats,
+}
+
+/// The NATS credentials file and CA bundle of worker and gateway pods: keys
+/// of Secrets in each pod's own namespace (a pod mounts no other
+/// namespace's Secrets), mounted like a Connector's Secrets and named to
+/// the process by `TALLYMAN_NATS_CREDS` and `TALLYMAN_NATS_CA`. A rotated
+/// Secret rolls the pods, as a Connector's does.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodNats {
+    pub creds: Option<SecretKey>,
+    pub ca: Option<SecretKey>,
+}
+
+/// One key of a Secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretKey {
+    pub secret: String,
+    pub key: String,
+}
+
+impl SecretKey {
+    /// `secret` and `key` as a Secret's name and data key must be: a DNS
+    /// subdomain, and `[-._a-zA-Z0-9]+`. `flag` names the setting in the
+    /// error.
+    pub fn new(flag: &str, secret: &str, key: &str) -> Result<SecretKey, String> {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if secret.len() > 253 || !secret.split('.').all(label_ok) {
+            return Err(format!(
+                "{flag}: {secret:?} is not a Secret name (a DNS subdomain: lower case letters, digits, '-' and '.')"
+            ));
+        }
+        if key.is_empty()
+            || key.len() > 253
+            || key == "."
+            || key == ".."
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            return Err(format!(
+                "{flag}: {key:?} is not a Secret key (letters, digits, '-', '_' and '.')"
+            ));
+        }
+        Ok(SecretKey {
+            secret: secret.into(),
+            key: key.into(),
+        })
+    }
+}
+
+impl PodNats {
+    /// The Secrets the pods mount for NATS.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        [&self.creds, &self.ca]
+            .into_iter()
+            .flatten()
+            .map(|k| k.secret.as_str())
+    }
 }
 
 /// Shared by every reconcile of every controller.

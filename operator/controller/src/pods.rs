@@ -1,5 +1,5 @@
 //! What worker and gateway pods share: restricted pod security, the mounted
-//! Secrets, the NATS URL, probes on the telemetry port.
+//! Secrets, the NATS URL and credentials, probes on the telemetry port.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -11,6 +11,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tallyman_api::v1alpha1::ConnectorSpec;
 
+use crate::context::{PodNats, SecretKey, Settings};
+
 /// Where Secrets are mounted, one directory per Secret: `<dir>/<name>/<key>`.
 pub const SECRETS_DIR: &str = "/var/run/tallyman/secrets";
 /// The port of `/healthz`, `/readyz` and `/metrics` in every pod.
@@ -18,11 +20,13 @@ pub const TELEMETRY_PORT: i32 = 9090;
 /// The non-root user every pod runs as (the distroless `nonroot` user).
 pub const USER: i64 = 65532;
 
-/// The Secrets a set of Connectors reads, by name.
+/// The Secrets a pod mounts, by name: those of its NATS credentials and
+/// CA, and those a set of Connectors reads.
 pub fn secret_names<'a>(
+    nats: &PodNats,
     connectors: impl IntoIterator<Item = &'a ConnectorSpec>,
 ) -> BTreeSet<String> {
-    let mut names = BTreeSet::new();
+    let mut names: BTreeSet<String> = nats.secret_names().map(String::from).collect();
     for c in connectors {
         if let Some(rest) = &c.rest {
             if let Some(auth) = &rest.auth {
@@ -207,17 +211,27 @@ fn http_probe(path: &str) -> Probe {
 }
 
 /// A tallyman container: `args` after the image's entrypoint, the NATS URL
-/// in the environment, probes and the telemetry port.
-pub fn container(name: &str, image: &str, args: Vec<String>, nats_url: &str) -> Container {
+/// and the files of its credentials and CA (mounted with
+/// [`secret_volumes`]) in the environment, probes and the telemetry port.
+pub fn container(name: &str, args: Vec<String>, settings: &Settings) -> Container {
+    let var = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut env = vec![var("TALLYMAN_NATS_URL", settings.nats_url.clone())];
+    let file = |k: &SecretKey| format!("{SECRETS_DIR}/{}/{}", k.secret, k.key);
+    if let Some(creds) = &settings.pod_nats.creds {
+        env.push(var("TALLYMAN_NATS_CREDS", file(creds)));
+    }
+    if let Some(ca) = &settings.pod_nats.ca {
+        env.push(var("TALLYMAN_NATS_CA", file(ca)));
+    }
     Container {
         name: name.into(),
-        image: Some(image.into()),
+        image: Some(settings.image.clone()),
         args: Some(args),
-        env: Some(vec![EnvVar {
-            name: "TALLYMAN_NATS_URL".into(),
-            value: Some(nats_url.into()),
-            ..Default::default()
-        }]),
+        env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
             container_port: TELEMETRY_PORT,
@@ -238,4 +252,117 @@ pub fn scrape_annotations() -> BTreeMap<String, String> {
         ("prometheus.io/port".into(), TELEMETRY_PORT.to_string()),
         ("prometheus.io/path".into(), "/metrics".into()),
     ])
+}
+
+/// What the worker and gateway tests check of a pod that connects to a
+/// secured NATS.
+#[cfg(test)]
+pub(crate) mod secured {
+    use k8s_openapi::api::core::v1::PodSpec;
+
+    use super::*;
+
+    /// Settings whose pods use the credentials in Secret `nats-user` (key
+    /// `user.creds`) and the CA in Secret `nats-ca` (key `ca.crt`).
+    pub fn settings(mut base: Settings) -> Settings {
+        base.pod_nats = PodNats {
+            creds: Some(SecretKey::new("creds", "nats-user", "user.creds").unwrap()),
+            ca: Some(SecretKey::new("ca", "nats-ca", "ca.crt").unwrap()),
+        };
+        base
+    }
+
+    /// `pod`'s container names files that a volume of the right Secret
+    /// provides, in `TALLYMAN_NATS_CREDS` and `TALLYMAN_NATS_CA`.
+    pub fn assert_connects_with_mounted_files(pod: &PodSpec) {
+        let container = &pod.containers[0];
+        let env = container.env.as_ref().unwrap();
+        let mounts = container.volume_mounts.as_ref().unwrap();
+        let volumes = pod.volumes.as_ref().unwrap();
+        for (var, secret, key) in [
+            ("TALLYMAN_NATS_CREDS", "nats-user", "user.creds"),
+            ("TALLYMAN_NATS_CA", "nats-ca", "ca.crt"),
+        ] {
+            let file = env
+                .iter()
+                .find(|e| e.name == var)
+                .and_then(|e| e.value.clone())
+                .unwrap_or_else(|| panic!("{var} is not set"));
+            assert_eq!(file, format!("{SECRETS_DIR}/{secret}/{key}"));
+            let mount = mounts
+                .iter()
+                .find(|m| file.starts_with(&format!("{}/", m.mount_path)))
+                .unwrap_or_else(|| panic!("no volume is mounted where {file} is"));
+            assert_eq!(mount.read_only, Some(true));
+            let volume = volumes.iter().find(|v| v.name == mount.name).unwrap();
+            assert_eq!(
+                volume
+                    .secret
+                    .as_ref()
+                    .and_then(|s| s.secret_name.as_deref()),
+                Some(secret),
+                "{file}"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            image: "tallyman:test".into(),
+            nats_url: "tls://nats:4222".into(),
+            pod_nats: PodNats::default(),
+        }
+    }
+
+    #[test]
+    fn without_nats_secrets_the_pod_has_only_the_url() {
+        let c = container("worker", vec![], &settings());
+        let names: Vec<&str> = c
+            .env
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(names, ["TALLYMAN_NATS_URL"]);
+        assert!(secret_names(&PodNats::default(), []).is_empty());
+    }
+
+    #[test]
+    fn nats_secrets_are_mounted_with_the_connectors_secrets() {
+        let s = secured::settings(settings());
+        let names = secret_names(&s.pod_nats, []);
+        assert_eq!(
+            names.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["nats-ca", "nats-user"]
+        );
+        // One Secret for both: one mount.
+        let one = PodNats {
+            creds: Some(SecretKey::new("c", "nats", "user.creds").unwrap()),
+            ca: Some(SecretKey::new("c", "nats", "ca.crt").unwrap()),
+        };
+        assert_eq!(secret_names(&one, []).len(), 1);
+    }
+
+    #[test]
+    fn secret_names_and_keys_are_checked_with_the_flag_named() {
+        for (secret, key) in [
+            ("Upper", "k"),
+            ("-lead", "k"),
+            ("a..b", "k"),
+            ("", "k"),
+            ("ok", ""),
+            ("ok", "a/b"),
+            ("ok", ".."),
+        ] {
+            let err = SecretKey::new("--pod-nats-creds-secret", secret, key).unwrap_err();
+            assert!(err.starts_with("--pod-nats-creds-secret: "), "{err}");
+        }
+        assert!(SecretKey::new("f", "nats.tallyman-1", "user_1.creds").is_ok());
+    }
 }

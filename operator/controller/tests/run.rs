@@ -68,6 +68,7 @@ async fn leads_serves_health_and_releases_the_lease_on_shutdown() {
         Settings {
             image: "tallyman:test".into(),
             nats_url: nats.url(),
+            pod_nats: Default::default(),
         },
         Options {
             listen,
@@ -178,6 +179,7 @@ async fn a_changed_policy_re_resolves_its_workflows_through_the_watch() {
         Settings {
             image: "tallyman:test".into(),
             nats_url: nats.url(),
+            pod_nats: Default::default(),
         },
         Options {
             listen,

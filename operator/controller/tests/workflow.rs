@@ -425,3 +425,70 @@ async fn a_rotated_secret_rolls_the_workers() {
     let wf: Workflow = current(&env, WF).unwrap();
     assert_eq!(wf.status.unwrap().revision, Some(revision_of(&env)));
 }
+
+#[tokio::test]
+async fn rotated_nats_credentials_roll_the_workers() {
+    let env = env_with(tallyman_controller::PodNats {
+        creds: Some(
+            tallyman_controller::SecretKey::new("t", "tallyman-nats", "nats.creds").unwrap(),
+        ),
+        ca: None,
+    })
+    .await;
+    seed_example(&env, "shipment-to-invoice");
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.ctx.client.clone(), NS);
+    settle(&env).await;
+    let pod = |env: &Env| {
+        child(env, "apps/v1", "deployments", "shipment-to-invoice-worker").unwrap()["spec"]
+            ["template"]
+            .clone()
+    };
+    let missing = pod(&env);
+    let env_var = missing["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "TALLYMAN_NATS_CREDS")
+        .cloned();
+    assert_eq!(
+        env_var.unwrap()["value"],
+        "/var/run/tallyman/secrets/tallyman-nats/nats.creds"
+    );
+    assert!(
+        missing["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "tallyman-nats")
+    );
+    let hash =
+        |t: &serde_json::Value| t["metadata"]["annotations"]["tallyman.dev/secrets-hash"].clone();
+    // Created after the workers: they roll to get it.
+    secrets
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "tallyman-nats"},
+                "data": {"nats.creds": "b2xk"}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    reconcile(&env).await.unwrap();
+    let created = pod(&env);
+    assert_ne!(hash(&created), hash(&missing));
+    // Rotated.
+    secrets
+        .patch(
+            "tallyman-nats",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"nats.creds": "bmV3"}})),
+        )
+        .await
+        .unwrap();
+    reconcile(&env).await.unwrap();
+    assert_ne!(hash(&pod(&env)), hash(&created));
+}

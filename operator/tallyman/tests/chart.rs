@@ -647,6 +647,38 @@ fn env(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> 
     })
 }
 
+/// Every `TALLYMAN_*` variable the chart gives the operator is one of its
+/// flags (a misspelt one would be ignored without a word).
+#[test]
+fn the_operator_understands_every_variable_the_chart_sets() {
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_tallyman"))
+        .args(["operator", "--help"])
+        .output()
+        .expect("tallyman operator --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    // Read by the logging set-up of every subcommand, not a flag.
+    let not_flags = ["TALLYMAN_LOG_FORMAT"];
+    for values in Values::ALL {
+        let objects = render(values);
+        let d: Deployment = objects
+            .iter()
+            .find(|o| o.kind() == "Deployment")
+            .expect("the operator Deployment")
+            .typed();
+        let c = operator_container(&d);
+        for var in c.env.iter().flatten() {
+            let name = var.name.as_str();
+            if name.starts_with("TALLYMAN_") && !not_flags.contains(&name) {
+                assert!(
+                    help.contains(&format!("[env: {name}=")),
+                    "{}: {name} is not a flag of `tallyman operator`",
+                    values.label()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn crds_are_the_generated_ones() {
     let generated = root().join("crds");
@@ -759,6 +791,14 @@ fn the_operator_runs_with_leader_election_probes_and_nats() {
             Values::Default => {
                 assert_eq!(env(c, "TALLYMAN_NATS_CREDS"), None);
                 assert_eq!(env(c, "TALLYMAN_NATS_CA"), None);
+                for var in [
+                    "TALLYMAN_POD_NATS_CREDS_SECRET",
+                    "TALLYMAN_POD_NATS_CREDS_KEY",
+                    "TALLYMAN_POD_NATS_CA_SECRET",
+                    "TALLYMAN_POD_NATS_CA_KEY",
+                ] {
+                    assert_eq!(env(c, var), None, "{var}");
+                }
                 assert!(pod.image_pull_secrets.is_none());
             }
             Values::Custom => {
@@ -783,6 +823,16 @@ fn the_operator_runs_with_leader_election_probes_and_nats() {
                     secrets,
                     BTreeSet::from(["ledger-nats-creds", "ledger-nats-ca"])
                 );
+                // The pods' Secrets are named to the operator, not mounted
+                // into it: they live in the Workflows' namespaces.
+                for (var, value) in [
+                    ("TALLYMAN_POD_NATS_CREDS_SECRET", "ledger-workers-nats"),
+                    ("TALLYMAN_POD_NATS_CREDS_KEY", "user.creds"),
+                    ("TALLYMAN_POD_NATS_CA_SECRET", "ledger-nats-ca"),
+                    ("TALLYMAN_POD_NATS_CA_KEY", "ca.pem"),
+                ] {
+                    assert_eq!(env(c, var).as_deref(), Some(value), "{var}");
+                }
                 let pull: Vec<&str> = pod
                     .image_pull_secrets
                     .iter()

@@ -29,6 +29,11 @@ struct Gateway {
 
 impl Gateway {
     fn start(nats: &str, manifests: &Path) -> Gateway {
+        Gateway::start_with(nats, manifests, &[])
+    }
+
+    /// [`Gateway::start`] with more environment variables.
+    fn start_with(nats: &str, manifests: &Path, env: &[(&str, &Path)]) -> Gateway {
         let port = free_port();
         let child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
             .args(["gateway", "--nats", nats, "--namespace", "finance"])
@@ -42,6 +47,7 @@ impl Gateway {
                 "--reload-interval",
                 "0s",
             ])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -176,4 +182,39 @@ async fn the_gateway_serves_reloads_on_sighup_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert_eq!(info.state.messages, 2);
+}
+
+/// As in a pod the operator configured for a secured broker: the
+/// credentials file and the CA named by the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_publishes_to_a_broker_that_requires_credentials_and_tls() {
+    let (nats, secrets) = NatsServer::start_secured();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    let gw = Gateway::start_with(
+        &nats.url(),
+        &examples,
+        &[
+            ("TALLYMAN_NATS_CREDS", secrets.creds()),
+            ("TALLYMAN_NATS_CA", secrets.ca()),
+        ],
+    );
+    gw.ready().await;
+    let r = post(&gw.wms("dummy-wms-signing-secret-change-me"), SHIPMENT).await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let client = async_nats::ConnectOptions::new()
+        .credentials_file(secrets.creds())
+        .await
+        .unwrap()
+        .add_root_certificates(secrets.ca().to_path_buf())
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let mut stream = async_nats::jetstream::new(client)
+        .get_stream("TALLYMAN_FINANCE_EVENTS")
+        .await
+        .unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 1);
+    let status = gw.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
 }

@@ -87,11 +87,10 @@ pub fn build(
         ..Default::default()
     };
 
-    let secrets = pods::secret_names(connectors.iter().map(|c| &c.spec));
+    let secrets = pods::secret_names(&settings.pod_nats, connectors.iter().map(|c| &c.spec));
     let (volumes, mounts) = pods::volumes(&secrets, "connectors", NAME.into(), CONNECTORS_DIR);
     let mut container = pods::container(
         "gateway",
-        &settings.image,
         vec![
             "gateway".into(),
             "--manifests".into(),
@@ -105,7 +104,7 @@ pub fn build(
             "--secrets-dir".into(),
             pods::SECRETS_DIR.into(),
         ],
-        &settings.nats_url,
+        settings,
     );
     container
         .ports
@@ -181,6 +180,7 @@ mod tests {
         Settings {
             image: "tallyman:test".into(),
             nats_url: "nats://nats:4222".into(),
+            pod_nats: Default::default(),
         }
     }
 
@@ -194,6 +194,17 @@ mod tests {
             c.metadata.uid = Some(format!("uid-{i}"));
         }
         out
+    }
+
+    #[test]
+    fn the_gateway_connects_to_a_secured_nats_with_secrets_of_its_namespace() {
+        let connectors = webhook_connectors();
+        let refs: Vec<&Connector> = connectors.iter().collect();
+        let g = build("finance", &refs, &pods::secured::settings(settings()), "h0")
+            .unwrap()
+            .unwrap();
+        let pod = g.deployment.spec.unwrap().template.spec.unwrap();
+        pods::secured::assert_connects_with_mounted_files(&pod);
     }
 
     #[test]
@@ -235,7 +246,7 @@ mod tests {
             .as_ref()
             .unwrap();
         let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
-        for s in pods::secret_names(connectors.iter().map(|c| &c.spec)) {
+        for s in pods::secret_names(&settings().pod_nats, connectors.iter().map(|c| &c.spec)) {
             assert!(
                 mounts
                     .iter()

@@ -136,7 +136,7 @@ pub fn build(
     };
 
     let selector = meta::selector("worker", &name);
-    let secrets = pods::secret_names(def.connectors.values());
+    let secrets = pods::secret_names(&settings.pod_nats, def.connectors.values());
     let (volumes, mounts) = pods::volumes(
         &secrets,
         "definition",
@@ -156,7 +156,7 @@ pub fn build(
     if let Some(mib) = instance_cache_mib(wf) {
         args.extend(["--instance-cache-mib".into(), mib.to_string()]);
     }
-    let mut container = pods::container("worker", &settings.image, args, &settings.nats_url);
+    let mut container = pods::container("worker", args, settings);
     container.resources = wf.spec.workers.resources.clone();
     container.volume_mounts = Some(mounts);
     let mut pod_labels = meta::labels("worker", &name);
@@ -272,6 +272,7 @@ mod tests {
         Settings {
             image: "ghcr.io/tallyman-dev/tallyman:test".into(),
             nats_url: "nats://nats:4222".into(),
+            pod_nats: Default::default(),
         }
     }
 
@@ -282,6 +283,27 @@ mod tests {
         let def = validate(&wf, &set.connectors, &set.policies).unwrap();
         let children = build(&wf, &def, &settings(), "h0").unwrap();
         (wf, def, children)
+    }
+
+    #[test]
+    fn workers_connect_to_a_secured_nats_with_secrets_of_their_namespace() {
+        let set = fixtures::example("shipment-to-invoice");
+        let mut wf = set.workflows[0].clone();
+        wf.metadata.uid = Some("uid-1".into());
+        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
+        let children = build(&wf, &def, &pods::secured::settings(settings()), "h0").unwrap();
+        let pod = children.deployment.spec.unwrap().template.spec.unwrap();
+        pods::secured::assert_connects_with_mounted_files(&pod);
+        // The Connectors' Secrets are still mounted beside them.
+        let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+        for s in pods::secret_names(&Default::default(), def.connectors.values()) {
+            assert!(
+                mounts
+                    .iter()
+                    .any(|m| m.mount_path.ends_with(&format!("/{s}"))),
+                "{s}"
+            );
+        }
     }
 
     #[test]
@@ -375,7 +397,7 @@ mod tests {
         assert!(env.iter().any(
             |e| e.name == "TALLYMAN_NATS_URL" && e.value.as_deref() == Some("nats://nats:4222")
         ));
-        let secrets = pods::secret_names(def.connectors.values());
+        let secrets = pods::secret_names(&settings().pod_nats, def.connectors.values());
         assert!(!secrets.is_empty());
         let mounts = container.volume_mounts.as_ref().unwrap();
         for s in &secrets {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use kube::Resource;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tallyman_controller::{Context, Settings, fixtures};
+use tallyman_controller::{Context, PodNats, Settings, fixtures};
 use tallyman_telemetry::Metrics;
 use tallyman_testing::kubeapi::{FakeApi, Key};
 use tallyman_testing::nats::NatsServer;
@@ -23,6 +23,11 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
+    env_with(PodNats::default()).await
+}
+
+/// An [`env`] whose pods use `pod_nats` to connect.
+pub async fn env_with(pod_nats: PodNats) -> Env {
     let nats = NatsServer::start();
     let api = FakeApi::start().await;
     let js = async_nats::jetstream::new(
@@ -36,6 +41,7 @@ pub async fn env() -> Env {
         Settings {
             image: "ghcr.io/tallyman-dev/tallyman:test".into(),
             nats_url: "nats://nats.tallyman:4222".into(),
+            pod_nats,
         },
         Arc::new(Metrics::new()),
         Some("test-pod".into()),

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use tallyman_core::audit::{self, Problem, ProblemKind};
 
 #[derive(clap::Subcommand)]
@@ -21,6 +20,8 @@ pub struct VerifyArgs {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats: String,
+    #[command(flatten)]
+    nats_auth: super::nats::Auth,
     #[arg(long, default_value = "default")]
     namespace: String,
     /// Only this Workflow's records.
@@ -39,9 +40,10 @@ enum Output {
 pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Verify(args) = cmd;
     super::block_on(async {
-        let client = async_nats::connect(&args.nats)
-            .await
-            .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
+        let client = args
+            .nats_auth
+            .connect(&args.nats, "tallyman-audit".into())
+            .await?;
         let trail =
             tallyman_worker::audit::read(client, &args.namespace, args.workflow.as_deref()).await?;
         let mut report = audit::verify(&trail.records);

@@ -31,6 +31,8 @@ pub struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats: String,
+    #[command(flatten)]
+    nats_auth: super::nats::Auth,
     /// Manifests holding the Connectors (files or directories).
     #[arg(long, value_name = "DIR")]
     manifests: PathBuf,
@@ -87,11 +89,10 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
             "no webhook Connector in this namespace yet; every request is answered 404"
         );
     }
-    let client = async_nats::ConnectOptions::new()
-        .name(format!("tallyman-gateway/{}", args.namespace))
-        .connect(&args.nats)
-        .await
-        .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
+    let client = args
+        .nats_auth
+        .connect(&args.nats, format!("tallyman-gateway/{}", args.namespace))
+        .await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::new();
     let (stop, stopped) = watch::channel(false);

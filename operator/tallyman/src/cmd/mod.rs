@@ -4,6 +4,7 @@ pub mod dev;
 pub mod gateway;
 pub mod kubectl;
 pub mod manifests;
+pub mod nats;
 pub mod operator;
 pub mod table;
 pub mod validate;

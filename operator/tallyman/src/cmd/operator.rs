@@ -3,12 +3,11 @@
 //! Lease); the others wait, ready to take over.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use tallyman_controller::Settings;
 use tallyman_controller::run::{self, Options};
+use tallyman_controller::{PodNats, SecretKey, Settings};
 
 use super::worker::shutdown_signal;
 
@@ -17,15 +16,38 @@ pub struct Args {
     /// NATS server URL; also given to worker and gateway pods.
     #[arg(long, env = "TALLYMAN_NATS_URL", default_value = "nats://nats:4222")]
     nats: String,
-    /// NATS credentials file (JWT and NKey seed) of the operator.
-    #[arg(long, env = "TALLYMAN_NATS_CREDS", value_name = "FILE")]
-    nats_creds: Option<PathBuf>,
-    /// PEM CA bundle to verify the NATS server's TLS certificate with.
-    #[arg(long, env = "TALLYMAN_NATS_CA", value_name = "FILE")]
-    nats_ca: Option<PathBuf>,
+    /// The operator's own NATS credentials and CA.
+    #[command(flatten)]
+    nats_auth: super::nats::Auth,
     /// Where /healthz, /readyz and /metrics are served.
     #[arg(long, default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
+    /// Secret, in each Workflow's namespace, holding the NATS credentials
+    /// file its worker and gateway pods connect with (a pod mounts only
+    /// Secrets of its own namespace).
+    #[arg(long, env = "TALLYMAN_POD_NATS_CREDS_SECRET", value_name = "NAME")]
+    pod_nats_creds_secret: Option<String>,
+    /// The key of the credentials file in --pod-nats-creds-secret.
+    #[arg(
+        long,
+        env = "TALLYMAN_POD_NATS_CREDS_KEY",
+        value_name = "KEY",
+        default_value = "nats.creds"
+    )]
+    pod_nats_creds_key: String,
+    /// Secret, in each Workflow's namespace, holding the PEM CA bundle its
+    /// worker and gateway pods verify the NATS server's certificate with
+    /// (they then require TLS).
+    #[arg(long, env = "TALLYMAN_POD_NATS_CA_SECRET", value_name = "NAME")]
+    pod_nats_ca_secret: Option<String>,
+    /// The key of the CA bundle in --pod-nats-ca-secret.
+    #[arg(
+        long,
+        env = "TALLYMAN_POD_NATS_CA_KEY",
+        value_name = "KEY",
+        default_value = "ca.crt"
+    )]
+    pod_nats_ca_key: String,
     /// The image of the worker and gateway Deployments.
     #[arg(long, env = "TALLYMAN_IMAGE")]
     image: String,
@@ -56,24 +78,38 @@ fn identity() -> String {
         .unwrap_or_else(|| format!("tallyman-operator-{}", std::process::id()))
 }
 
+/// What worker and gateway pods connect to NATS with, from the flags.
+fn pod_nats(args: &Args) -> anyhow::Result<PodNats> {
+    let key = |flag: &str, secret: &Option<String>, key: &str| {
+        secret
+            .as_deref()
+            .map(|s| SecretKey::new(flag, s, key))
+            .transpose()
+            .map_err(anyhow::Error::msg)
+    };
+    Ok(PodNats {
+        creds: key(
+            "--pod-nats-creds-secret",
+            &args.pod_nats_creds_secret,
+            &args.pod_nats_creds_key,
+        )?,
+        ca: key(
+            "--pod-nats-ca-secret",
+            &args.pod_nats_ca_secret,
+            &args.pod_nats_ca_key,
+        )?,
+    })
+}
+
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    let pod_nats = pod_nats(&args)?;
     let client = kube::Client::try_default()
         .await
         .context("failed to configure the Kubernetes client (in-cluster or KUBECONFIG)")?;
-    let mut options = async_nats::ConnectOptions::new().name("tallyman-operator");
-    if let Some(creds) = &args.nats_creds {
-        options = options
-            .credentials_file(creds)
-            .await
-            .with_context(|| format!("failed to read NATS credentials {}", creds.display()))?;
-    }
-    if let Some(ca) = &args.nats_ca {
-        options = options.add_root_certificates(ca.clone()).require_tls(true);
-    }
-    let nats = options
-        .connect(&args.nats)
-        .await
-        .with_context(|| format!("failed to connect to NATS at {}", args.nats))?;
+    let nats = args
+        .nats_auth
+        .connect(&args.nats, "tallyman-operator".into())
+        .await?;
     let lease_namespace = args
         .lease_namespace
         .clone()
@@ -84,6 +120,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         Settings {
             image: args.image,
             nats_url: args.nats,
+            pod_nats,
         },
         Options {
             listen: args.listen,

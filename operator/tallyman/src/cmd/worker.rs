@@ -25,6 +25,8 @@ pub struct Args {
         default_value = "nats://127.0.0.1:4222"
     )]
     nats: String,
+    #[command(flatten)]
+    nats_auth: super::nats::Auth,
     /// The resolved definition (JSON, as the operator writes it into the
     /// worker's ConfigMap).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["manifests", "workflow"])]
@@ -129,14 +131,15 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
         clients.push(
-            async_nats::ConnectOptions::new()
-                .name(format!(
-                    "tallyman-worker/{}/{}",
-                    definition.namespace, definition.workflow
-                ))
-                .connect(&args.nats)
-                .await
-                .with_context(|| format!("failed to connect to NATS at {}", args.nats))?,
+            args.nats_auth
+                .connect(
+                    &args.nats,
+                    format!(
+                        "tallyman-worker/{}/{}",
+                        definition.namespace, definition.workflow
+                    ),
+                )
+                .await?,
         );
     }
     let metrics = Arc::new(Metrics::new());

@@ -23,6 +23,11 @@ pub struct WorkerProcess(pub Child);
 
 impl WorkerProcess {
     pub fn start(nats: &str, erp: &str) -> Self {
+        Self::start_with(nats, erp, &[])
+    }
+
+    /// [`WorkerProcess::start`] with more environment variables.
+    pub fn start_with(nats: &str, erp: &str, env: &[(&str, &Path)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
             .args([
                 "worker",
@@ -45,6 +50,7 @@ impl WorkerProcess {
                 "--max-in-flight",
                 "64",
             ])
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

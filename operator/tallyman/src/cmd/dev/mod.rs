@@ -48,6 +48,9 @@ pub struct Args {
     /// private nats-server with its store in --state-dir.
     #[arg(long, value_name = "URL")]
     nats: Option<String>,
+    /// Credentials and CA for the NATS of --nats.
+    #[command(flatten)]
+    nats_auth: super::nats::Auth,
     /// Where webhooks, the /dev/ API and /metrics are served.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -124,11 +127,9 @@ async fn serve(
     let mut clients = Vec::new();
     for _ in 0..2 {
         clients.push(
-            async_nats::ConnectOptions::new()
-                .name("tallyman-dev")
-                .connect(&nats_url)
-                .await
-                .with_context(|| format!("failed to connect to NATS at {nats_url}"))?,
+            args.nats_auth
+                .connect(&nats_url, "tallyman-dev".into())
+                .await?,
         );
     }
     let metrics = Arc::new(Metrics::new());
