@@ -507,8 +507,24 @@ async fn a_credit_note_whose_lookup_gets_no_answer_waits_for_a_person_not_a_seco
     );
     assert_eq!(env.erp.credit_notes().len(), 1, "not booked a second time");
 
-    // Someone retries once the ERP answers again: the look-up finds the note.
-    let retry = decision("ops", "operations", Verdict::Approve, None);
+    // The workflow's `exceptions.approvers` decide it, nobody else.
+    assert_eq!(
+        case.spec.required.groups,
+        ["customer-service-leads", "finance-controllers"]
+    );
+    let outsider = decision("ops", "operations", Verdict::Approve, None);
+    let refused = run
+        .worker
+        .cases()
+        .decide(&case.name, outsider, Utc::now())
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("customer-service-leads"),
+        "{refused}"
+    );
+    // A controller retries once the ERP answers again: the look-up finds the note.
+    let retry = decision("c.jones", "finance-controllers", Verdict::Approve, None);
     run.worker
         .cases()
         .decide(&case.name, retry, Utc::now())

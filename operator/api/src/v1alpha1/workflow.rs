@@ -56,9 +56,25 @@ pub struct WorkflowSpec {
     /// The steps every instance runs, in order; names are unique.
     #[schemars(length(min = 1, max = 100), extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub steps: Vec<Step>,
+    /// Who decides the cases this workflow opens that no ApprovalPolicy
+    /// governs. Without it, anyone allowed to update ExceptionCases does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exceptions: Option<Exceptions>,
     /// The worker Deployment that runs this workflow.
     #[serde(default)]
     pub workers: Workers,
+}
+
+/// The cases a workflow opens by itself: a call that failed for good
+/// (reason `CallFailed`: approve to call again with the same idempotency
+/// key, reject to fail the instance) and an SLA breach with
+/// `onBreach: Exception` (reason `SlaBreached`: for the record).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Exceptions {
+    /// Who decides them, and how many must approve; enforced like an
+    /// ApprovalPolicy's approvers (the admission policy and the worker).
+    pub approvers: super::Approvers,
 }
 
 /// The events of a workflow and their correlation.

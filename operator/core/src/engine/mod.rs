@@ -815,7 +815,8 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// A case with no policy behind it: anyone may decide (failed calls, SLA breaches).
+    /// A case with no policy behind it (failed calls, SLA breaches): the
+    /// workflow's `exceptions.approvers` decide, else anyone allowed to.
     fn open_info_case(&self, inst: &mut Instance, reason: &str) -> String {
         let name = self.case_name(inst);
         let request = CaseRequest {
@@ -828,10 +829,14 @@ impl<'a> Machine<'a> {
             initiator: "tallyman".into(),
             policy: String::new(),
             rule: String::new(),
-            required: Approvers {
-                groups: Vec::new(),
-                count: 1,
-            },
+            // The workflow's own approvers, else anyone allowed to decide.
+            required: self.def.def.spec.exceptions.as_ref().map_or(
+                Approvers {
+                    groups: Vec::new(),
+                    count: 1,
+                },
+                |e| e.approvers.clone(),
+            ),
             exclude_initiator: false,
             distinct_approvers: true,
             deadline_ms: None,

@@ -382,6 +382,48 @@ fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
     assert_eq!(retry.action, "getOrder");
 }
 
+/// The case a failed call opens, for a definition with `exceptions` as
+/// given (`None`: the field left out).
+fn failed_call_case(exceptions: Option<Approvers>) -> CaseRequest {
+    let mut def = (*compiled("shipment-to-invoice").def).clone();
+    def.spec.exceptions =
+        exceptions.map(|approvers| tallyman_api::v1alpha1::Exceptions { approvers });
+    let def = Compiled::new(def).unwrap();
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    plan(m.apply(&mut inst, shipment(5)));
+    let failed = CallResult::Failed {
+        message: "503 Service Unavailable after 6 attempts".into(),
+        status: Some(503),
+        attempts: 6,
+    };
+    m.apply(&mut inst, Input::CallDone(failed));
+    inst.outbox
+        .iter()
+        .find_map(|o| match o {
+            Outbound::OpenCase(c) => Some((**c).clone()),
+            _ => None,
+        })
+        .expect("a CallFailed case")
+}
+
+#[test]
+fn a_failed_calls_case_is_decided_by_the_workflows_exception_approvers() {
+    let four_eyes = Approvers {
+        groups: vec!["finance-controllers".into()],
+        count: 2,
+    };
+    let case = failed_call_case(Some(four_eyes.clone()));
+    assert_eq!(case.reason, "CallFailed");
+    assert_eq!(case.required, four_eyes);
+    assert!(case.distinct_approvers);
+    // Without the field: anyone allowed to decide, one approval.
+    let open = failed_call_case(None);
+    assert!(open.required.groups.is_empty());
+    assert_eq!(open.required.count, 1);
+}
+
 #[test]
 fn a_runtime_error_fails_the_instance_visibly() {
     let def = compiled("shipment-to-invoice");
