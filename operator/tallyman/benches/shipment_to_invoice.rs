@@ -9,7 +9,12 @@
 //! BENCH_WORKERS=1 BENCH_ORDERS=20000 BENCH_RATE=1500 cargo bench ...  # paced, for latency
 //! BENCH_CONNECTIONS=2 ...                                               # NATS connections per worker (4)
 //! BENCH_HOLD=1 BENCH_WORKERS=1 BENCH_ORDERS=20000 cargo bench ...        # memory of held instances
+//! BENCH_LATENCIES=FILE ...      # each instance's "sent_ms latency_ms", to see when the slow ones were
 //! ```
+//!
+//! The load and the ERP stand for systems elsewhere; here they share the
+//! cores with what is measured, so they run lean: one thread (a
+//! current-thread runtime) and mimalloc, as the workers have.
 //!
 //! Prints instances/s, p50/p99 latency (second event published → the
 //! invoice.created event received), CPU seconds and peak RSS per process,
@@ -172,6 +177,21 @@ async fn run(workers: usize, orders: usize, rate: usize) {
     let done = {
         let sent = sent.clone();
         let latencies = latencies.clone();
+        let base = Instant::now();
+        let mut series = std::env::var_os("BENCH_LATENCIES").map(|path| {
+            let mut out =
+                std::io::BufWriter::new(std::fs::File::create(&path).unwrap_or_else(|e| {
+                    panic!("BENCH_LATENCIES: cannot create {}: {e}", path.display())
+                }));
+            // When 0 ms was, to line the series up with other recordings.
+            let epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            use std::io::Write;
+            writeln!(out, "# 0 ms = {:.3} s since the epoch", epoch.as_secs_f64())
+                .expect("BENCH_LATENCIES: write");
+            out
+        });
         tokio::spawn(async move {
             let mut last = Instant::now();
             while latencies.lock().unwrap().len() < orders {
@@ -185,7 +205,18 @@ async fn run(workers: usize, orders: usize, rate: usize) {
                     .unwrap_or_default()
                     .to_string();
                 if let Some(t) = sent.lock().unwrap().get(&order) {
-                    latencies.lock().unwrap().push(t.elapsed());
+                    let latency = t.elapsed();
+                    latencies.lock().unwrap().push(latency);
+                    if let Some(out) = series.as_mut() {
+                        use std::io::Write;
+                        writeln!(
+                            out,
+                            "{:.3} {:.3}",
+                            t.duration_since(base).as_secs_f64() * 1e3,
+                            latency.as_secs_f64() * 1e3
+                        )
+                        .expect("BENCH_LATENCIES: write");
+                    }
                 }
                 last = Instant::now();
             }
@@ -347,10 +378,17 @@ async fn held_memory(js: &jetstream::Context, procs: &[Proc], orders: usize) {
     );
 }
 
+// The load and the ERP allocate per request: glibc's malloc and free were
+// about 15 % of their CPU samples.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else to parse.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: two cost the load and the ERP a fifth more CPU per
+    // instance (waking and stealing from each other) and competed with the
+    // workers and the broker for the two cores.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
