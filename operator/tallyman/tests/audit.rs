@@ -300,3 +300,45 @@ async fn a_forged_record_is_reported_as_modified() {
         "{problems:?}"
     );
 }
+
+/// A stream deleted and made again has no gap in its sequence, so its
+/// creation time is checked against the one written down first; a
+/// restarted broker keeps the stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_stream_deleted_and_made_again_is_reported() {
+    let (mut nats, js) = small_run().await;
+    nats.restart();
+    let js = {
+        // The old connection may still be reconnecting.
+        drop(js);
+        jetstream::new(async_nats::connect(nats.url()).await.unwrap())
+    };
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    js.delete_stream(AUDIT_STREAM).await.unwrap();
+    // The next worker to start makes it again, empty.
+    let erp = SimErp::start().await;
+    let worker = WorkerProcess::start(&nats.url(), &erp.base_url());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while js.get_stream(AUDIT_STREAM).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker did not make the audit stream again"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = worker.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains("it was deleted and made again, and every record stored before is gone"),
+        "{said}"
+    );
+    let problems = report(&nats)["problems"].clone();
+    assert_eq!(problems.as_array().map(Vec::len), Some(1), "{problems}");
+    assert_eq!(problems[0]["kind"], "Missing");
+}

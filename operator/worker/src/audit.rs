@@ -23,6 +23,10 @@ pub struct Trail {
     /// the whole chain (an instance that ran to its end in one commit), so
     /// the stream's own sequence is checked too.
     pub removed: Vec<RangeInclusive<u64>>,
+    /// The stream was created later than the namespace's audit stream was
+    /// first: it was deleted and made again, and every record from before
+    /// is gone. `(first, this one)`, in nanoseconds since the epoch.
+    pub recreated: Option<(i128, i128)>,
 }
 
 /// The audit records of a namespace (or of one workflow), in stream order.
@@ -55,6 +59,24 @@ pub async fn read(
         info.state.first_sequence
     };
     let mut trail = Trail::default();
+    let created = info.created.unix_timestamp_nanos();
+    // Absent where the stream predates the record of its creation.
+    if let Ok(counts) = js.get_key_value(names.counts_bucket()).await
+        && let Ok(Some(first)) = counts.get(crate::setup::AUDIT_CREATED_KEY).await
+    {
+        let first: i128 = std::str::from_utf8(&first)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                Error::Store(format!(
+                    "the record of when {} was created is unreadable",
+                    names.audit_stream()
+                ))
+            })?;
+        if first != created {
+            trail.recreated = Some((first, created));
+        }
+    }
     if last == 0 {
         return Ok(trail);
     }

@@ -63,6 +63,11 @@ async fn ensure_kv(
     }
 }
 
+/// The key, in the namespace's counts bucket, of when its audit stream was
+/// first created (nanoseconds since the epoch). No Workflow can have this
+/// name: `_` is not allowed in one.
+pub const AUDIT_CREATED_KEY: &str = "_audit-stream-created";
+
 /// The streams shared by every workflow of a namespace (the gateway and the
 /// operator ensure the same ones).
 pub async fn ensure_namespace(
@@ -70,9 +75,43 @@ pub async fn ensure_namespace(
     names: &Names,
 ) -> Result<stream::Stream, Error> {
     let events = ensure_stream(js, names.events_stream(), names.events_wildcard(), false).await?;
-    ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
+    let mut audit = ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
     ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
+    anchor_audit(js, names, &mut audit).await?;
     Ok(events)
+}
+
+/// Write down when the audit stream was created, once: a stream deleted
+/// and made again has no gap in its sequence for `audit verify` to find,
+/// but a later creation time than the one written down first.
+async fn anchor_audit(
+    js: &jetstream::Context,
+    names: &Names,
+    audit: &mut stream::Stream,
+) -> Result<(), Error> {
+    let created = audit
+        .info()
+        .await
+        .map_err(|e| {
+            Error::Setup(format!(
+                "failed to read stream {}: {e}",
+                names.audit_stream()
+            ))
+        })?
+        .created
+        .unix_timestamp_nanos();
+    let counts = ensure_kv(js, names.counts_bucket(), 1).await?;
+    match counts
+        .create(AUDIT_CREATED_KEY, created.to_string().into())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Setup(format!(
+            "failed to record when {} was created: {e}",
+            names.audit_stream()
+        ))),
+    }
 }
 
 /// Everything one workflow needs.

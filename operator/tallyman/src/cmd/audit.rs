@@ -66,6 +66,24 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 },
             });
         }
+        if let Some((first, now)) = trail.recreated {
+            let at = |nanos: i128| {
+                chrono::DateTime::from_timestamp_nanos(nanos as i64)
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            };
+            report.problems.push(Problem {
+                namespace: args.namespace.clone(),
+                workflow: args.workflow.clone().unwrap_or_default(),
+                key: String::new(),
+                seq: 0,
+                kind: ProblemKind::Missing,
+                message: format!(
+                    "the audit stream was created at {}, but this namespace's audit stream was first created at {}: it was deleted and made again, and every record stored before is gone",
+                    at(now),
+                    at(first)
+                ),
+            });
+        }
         for (seq, why) in trail.unreadable {
             report.problems.push(Problem {
                 namespace: args.namespace.clone(),
