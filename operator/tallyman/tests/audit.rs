@@ -328,8 +328,8 @@ async fn an_audit_stream_deleted_and_made_again_is_reported() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = worker.terminate(Duration::from_secs(10));
-    assert!(status.success(), "{status}");
+    // Still starting (its SIGTERM handler comes later): no gentle stop.
+    worker.kill();
 
     let out = verify(&nats, false);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
