@@ -11,6 +11,8 @@ pub use tallyman_api::v1alpha1::condition::*;
 pub const REASON_ROLLING_OUT: &str = "RollingOut";
 /// Fewer pods are ready than declared.
 pub const REASON_PODS_UNAVAILABLE: &str = "PodsUnavailable";
+/// A Secret the pods mount does not exist, so they cannot start.
+pub const REASON_SECRETS_MISSING: &str = "SecretsMissing";
 /// A Connector or ApprovalPolicy the Workflow uses is itself invalid.
 pub const REASON_INVALID_REFERENCE: &str = "InvalidReference";
 /// The REST endpoint answered the probe below 500.

@@ -60,17 +60,27 @@ pub fn secret_names<'a>(
     names
 }
 
-/// A hash of the data of the Secrets `names` (a missing Secret hashes as
-/// missing): it changes when any of them is rotated, created or deleted.
+/// What the Secrets a pod mounts are like now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SecretsSeen {
+    /// A hash of their data (a missing Secret hashes as missing): it
+    /// changes when any of them is rotated, created or deleted.
+    pub hash: String,
+    /// Those that do not exist: a pod that mounts them cannot start.
+    pub missing: Vec<String>,
+}
+
+/// [`SecretsSeen`] of the Secrets `names` of `namespace`.
 pub async fn secrets_hash(
     client: &kube::Client,
     namespace: &str,
     names: &BTreeSet<String>,
-) -> Result<String, crate::error::Error> {
+) -> Result<SecretsSeen, crate::error::Error> {
     use sha2::{Digest, Sha256};
     let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
         kube::Api::namespaced(client.clone(), namespace);
     let mut h = Sha256::new();
+    let mut missing = Vec::new();
     for name in names {
         let secret = api
             .get_opt(name)
@@ -91,10 +101,16 @@ pub async fn secrets_hash(
                     h.update([0]);
                 }
             }
-            None => h.update(b"\x01missing"),
+            None => {
+                h.update(b"\x01missing");
+                missing.push(name.clone());
+            }
         }
     }
-    Ok(hex::encode(&h.finalize()[..8]))
+    Ok(SecretsSeen {
+        hash: hex::encode(&h.finalize()[..8]),
+        missing,
+    })
 }
 
 /// One read-only volume per Secret at `SECRETS_DIR/<name>`. Volume names are

@@ -101,11 +101,13 @@ async fn children_are_created_as_specified() {
     assert_eq!(status.observed_generation, Some(1));
     assert_eq!(status.revision.as_deref(), Some(revision_of(&env).as_str()));
     let ready = conditions::get(&status.conditions, READY).unwrap();
-    // The fake runs no Deployment controller: the workers never become ready.
+    // The fake runs no Deployment controller: the workers never become
+    // ready; and the example's Secrets were not applied, which is named.
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
-        ("False", "RollingOut")
+        ("False", "SecretsMissing")
     );
+    assert!(ready.message.contains("erp-api-token"), "{}", ready.message);
     assert_eq!(status.workers.unwrap().desired, wf.spec.workers.replicas);
 
     // The JetStream objects the workers need exist.
@@ -462,6 +464,21 @@ async fn rotated_nats_credentials_roll_the_workers() {
             .iter()
             .any(|v| v["secret"]["secretName"] == "tallyman-nats")
     );
+    // The Workflow says what keeps its pods from starting.
+    let ready = |env: &Env| {
+        let wf: Workflow = current(env, WF).unwrap();
+        let c = wf
+            .status
+            .unwrap()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == READY)
+            .unwrap();
+        (c.reason, c.message)
+    };
+    let (reason, message) = ready(&env);
+    assert_eq!(reason, "SecretsMissing");
+    assert!(message.contains("tallyman-nats"), "{message}");
     let hash =
         |t: &serde_json::Value| t["metadata"]["annotations"]["tallyman.dev/secrets-hash"].clone();
     // Created after the workers: they roll to get it.
@@ -480,6 +497,8 @@ async fn rotated_nats_credentials_roll_the_workers() {
     reconcile(&env).await.unwrap();
     let created = pod(&env);
     assert_ne!(hash(&created), hash(&missing));
+    let (reason, message) = ready(&env);
+    assert!(!message.contains("tallyman-nats"), "{reason}: {message}");
     // Rotated.
     secrets
         .patch(

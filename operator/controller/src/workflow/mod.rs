@@ -91,8 +91,8 @@ async fn apply(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let secrets = crate::pods::secret_names(&ctx.settings.pod_nats, def.connectors.values());
-    let secrets_hash = crate::pods::secrets_hash(&ctx.client, &ns, &secrets).await?;
-    let children = build::build(wf, &def, &ctx.settings, &secrets_hash)?;
+    let secrets = crate::pods::secrets_hash(&ctx.client, &ns, &secrets).await?;
+    let children = build::build(wf, &def, &ctx.settings, &secrets.hash)?;
     jetstream::ensure(&ctx.jetstream, &def)
         .await
         .map_err(|message| Error::JetStream {
@@ -130,7 +130,13 @@ async fn apply(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
         &children.pdb,
     )
     .await?;
-    let status = status::running(wf, &def.revision(), Some(&deployment), &now);
+    let status = status::running(
+        wf,
+        &def.revision(),
+        Some(&deployment),
+        &secrets.missing,
+        &now,
+    );
     update_status(wf, ctx, status).await?;
     Ok(Action::requeue(RESYNC))
 }

@@ -8,7 +8,7 @@ use tallyman_api::v1alpha1::{WorkerCounts, Workflow, WorkflowStatus};
 
 use crate::conditions::{
     self, DEGRADED, PROGRESSING, READY, REASON_PODS_UNAVAILABLE, REASON_RECONCILED,
-    REASON_ROLLING_OUT,
+    REASON_ROLLING_OUT, REASON_SECRETS_MISSING,
 };
 use crate::workflow::validate::Invalid;
 
@@ -48,11 +48,12 @@ pub fn invalid(wf: &Workflow, why: &Invalid, now: &Time) -> WorkflowStatus {
 }
 
 /// The status of a Workflow whose children were applied, from its
-/// Deployment as last seen.
+/// Deployment as last seen and the Secrets its pods mount that do not exist.
 pub fn running(
     wf: &Workflow,
     revision: &str,
     deployment: Option<&Deployment>,
+    missing_secrets: &[String],
     now: &Time,
 ) -> WorkflowStatus {
     let mut status = wf.status.clone().unwrap_or_default();
@@ -82,6 +83,21 @@ pub fn running(
             true,
             REASON_RECONCILED,
             format!("{ready} of {desired} workers ready on revision {revision}"),
+            generation,
+            now,
+        );
+    } else if !missing_secrets.is_empty() {
+        // Said first: the pods' own Events are one `describe` further away.
+        conditions::set(
+            c,
+            READY,
+            false,
+            REASON_SECRETS_MISSING,
+            format!(
+                "{ready} of {desired} workers ready; the worker pods cannot start until these Secrets exist in namespace {}: {}",
+                wf.metadata.namespace.as_deref().unwrap_or_default(),
+                missing_secrets.join(", "),
+            ),
             generation,
             now,
         );
@@ -183,7 +199,7 @@ mod tests {
 
     #[test]
     fn all_workers_ready_is_ready() {
-        let s = running(&wf(), "abc", Some(&deployment(2, 2, 2)), &t(1));
+        let s = running(&wf(), "abc", Some(&deployment(2, 2, 2)), &[], &t(1));
         assert_eq!(cond(&s, READY), ("True", REASON_RECONCILED));
         assert_eq!(cond(&s, PROGRESSING), ("False", REASON_RECONCILED));
         assert_eq!(cond(&s, DEGRADED), ("False", REASON_RECONCILED));
@@ -207,11 +223,11 @@ mod tests {
 
     #[test]
     fn a_rollout_in_flight_is_progressing() {
-        let s = running(&wf(), "abc", Some(&deployment(2, 1, 3)), &t(1));
+        let s = running(&wf(), "abc", Some(&deployment(2, 1, 3)), &[], &t(1));
         assert_eq!(cond(&s, READY), ("False", REASON_ROLLING_OUT));
         assert_eq!(cond(&s, PROGRESSING), ("True", REASON_ROLLING_OUT));
         // A Deployment not yet seen by its controller is rolling out too.
-        let s = running(&wf(), "abc", None, &t(1));
+        let s = running(&wf(), "abc", None, &[], &t(1));
         assert_eq!(cond(&s, PROGRESSING), ("True", REASON_ROLLING_OUT));
         assert_eq!(
             s.workers,
@@ -223,6 +239,22 @@ mod tests {
     }
 
     #[test]
+    fn missing_secrets_are_named_until_the_workers_are_ready() {
+        let missing = vec!["erp-api-token".to_string(), "tallyman-nats".to_string()];
+        let s = running(&wf(), "abc", Some(&deployment(0, 2, 2)), &missing, &t(1));
+        assert_eq!(cond(&s, READY), ("False", REASON_SECRETS_MISSING));
+        let message = &conditions::get(&s.conditions, READY).unwrap().message;
+        assert!(
+            message.ends_with("namespace finance: erp-api-token, tallyman-nats"),
+            "{message}"
+        );
+        assert!(message.starts_with("0 of 2 workers ready"), "{message}");
+        // Ready workers (e.g. the Secret appeared meanwhile) say so instead.
+        let s = running(&wf(), "abc", Some(&deployment(2, 2, 2)), &missing, &t(1));
+        assert_eq!(cond(&s, READY), ("True", REASON_RECONCILED));
+    }
+
+    #[test]
     fn an_unavailable_deployment_is_degraded() {
         let mut d = deployment(0, 2, 2);
         d.status.as_mut().unwrap().conditions = Some(vec![DeploymentCondition {
@@ -231,7 +263,7 @@ mod tests {
             message: Some("Deployment does not have minimum availability.".into()),
             ..Default::default()
         }]);
-        let s = running(&wf(), "abc", Some(&d), &t(1));
+        let s = running(&wf(), "abc", Some(&d), &[], &t(1));
         assert_eq!(cond(&s, READY), ("False", REASON_PODS_UNAVAILABLE));
         assert_eq!(cond(&s, DEGRADED), ("True", REASON_PODS_UNAVAILABLE));
         assert!(
@@ -245,7 +277,7 @@ mod tests {
     #[test]
     fn an_invalid_spec_says_why_and_keeps_the_running_revision() {
         let mut w = wf();
-        w.status = Some(running(&w, "abc", Some(&deployment(2, 2, 2)), &t(1)));
+        w.status = Some(running(&w, "abc", Some(&deployment(2, 2, 2)), &[], &t(1)));
         let why = Invalid {
             reason: conditions::REASON_INVALID_SPEC,
             message: "spec.trigger.correlate: syntax error".into(),
@@ -271,7 +303,7 @@ mod tests {
     fn an_unchanged_world_gives_an_unchanged_status() {
         let mut w = wf();
         let d = deployment(2, 2, 2);
-        w.status = Some(running(&w, "abc", Some(&d), &t(1)));
-        assert_eq!(Some(running(&w, "abc", Some(&d), &t(99))), w.status);
+        w.status = Some(running(&w, "abc", Some(&d), &[], &t(1)));
+        assert_eq!(Some(running(&w, "abc", Some(&d), &[], &t(99))), w.status);
     }
 }
