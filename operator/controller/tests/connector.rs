@@ -25,6 +25,12 @@ async fn reconcile(env: &Env, name: &str) -> kube::runtime::controller::Action {
 async fn webhook_connectors_get_one_gateway_and_their_urls() {
     let env = env().await;
     let set = seed_example(&env, "shipment-to-invoice");
+    // Without its signing Secret the gateway could not start, and says so.
+    reconcile(&env, "wms").await;
+    let waiting = current::<Connector>(&env, "wms").unwrap().status.unwrap();
+    let ready = conditions::get(&waiting.conditions, READY).unwrap();
+    assert_eq!(ready.reason, "SecretsMissing", "{}", ready.message);
+    seed_example_secrets(&env, "shipment-to-invoice").await;
     for c in &set.connectors {
         if c.spec.webhook.is_some() {
             reconcile(&env, c.metadata.name.as_deref().unwrap()).await;

@@ -95,7 +95,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         _ => None,
     };
     let now = conditions::now();
-    let status = status::status(c, &own, probed.as_ref(), &now);
+    let status = status::status(c, &own, probed.as_ref(), &secrets.missing, &now);
     update_status(c, ctx, status).await?;
     Ok(match (&c.spec.rest, own.is_empty()) {
         (Some(rest), true) => Action::requeue(rest.probe.interval.as_std()),

@@ -84,6 +84,30 @@ pub fn seed_example(env: &Env, name: &str) -> fixtures::Example {
     set
 }
 
+/// Store the example's Secrets in the fake, as `kubectl apply -f
+/// secrets.yaml` would.
+pub async fn seed_example_secrets(env: &Env, name: &str) {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+        .join("secrets.yaml");
+    let loaded = tallyman_core::manifest::load(&[file]);
+    let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+        kube::Api::namespaced(env.ctx.client.clone(), NS);
+    for doc in loaded
+        .documents
+        .iter()
+        .filter(|d| d.value["kind"] == "Secret")
+    {
+        api.create(
+            &Default::default(),
+            &serde_json::from_value(doc.value.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+}
+
 /// The object as the fake holds it now.
 pub fn current<K: Resource<DynamicType = ()> + DeserializeOwned>(
     env: &Env,
