@@ -20,33 +20,43 @@ pub const TELEMETRY_PORT: i32 = 9090;
 /// The non-root user every pod runs as (the distroless `nonroot` user).
 pub const USER: i64 = 65532;
 
-/// The Secrets a pod mounts, by name: those of its NATS credentials and
-/// CA, and those a set of Connectors reads.
-pub fn secret_names<'a>(
+/// The Secrets a pod mounts, by name, with the keys it reads from each.
+pub type SecretKeys = BTreeMap<String, BTreeSet<String>>;
+
+/// [`SecretKeys`] of a pod: those of its NATS credentials and CA, and
+/// those a set of Connectors reads.
+pub fn secret_keys<'a>(
     nats: &PodNats,
     connectors: impl IntoIterator<Item = &'a ConnectorSpec>,
-) -> BTreeSet<String> {
-    let mut names: BTreeSet<String> = nats.secret_names().map(String::from).collect();
+) -> SecretKeys {
+    let mut keys = SecretKeys::new();
+    let mut add = |name: &str, key: &str| {
+        keys.entry(name.to_string())
+            .or_default()
+            .insert(key.to_string());
+    };
+    for k in [&nats.creds, &nats.ca].into_iter().flatten() {
+        add(&k.secret, &k.key);
+    }
     for c in connectors {
+        let mut refs = Vec::new();
         if let Some(rest) = &c.rest {
             if let Some(auth) = &rest.auth {
                 if let Some(b) = &auth.bearer {
-                    names.insert(b.secret_ref.name.clone());
+                    refs.push(&b.secret_ref);
                 }
                 if let Some(b) = &auth.basic {
-                    names.insert(b.username.name.clone());
-                    names.insert(b.password.name.clone());
+                    refs.extend([&b.username, &b.password]);
                 }
                 if let Some(k) = &auth.api_key {
-                    names.insert(k.secret_ref.name.clone());
+                    refs.push(&k.secret_ref);
                 }
                 if let Some(o) = &auth.oauth2_client_credentials {
-                    names.insert(o.client_id.name.clone());
-                    names.insert(o.client_secret.name.clone());
+                    refs.extend([&o.client_id, &o.client_secret]);
                 }
             }
             if let Some(tls) = &rest.tls {
-                names.insert(tls.ca_secret_ref.name.clone());
+                refs.push(&tls.ca_secret_ref);
             }
         }
         if let Some(s) = c
@@ -54,10 +64,22 @@ pub fn secret_names<'a>(
             .as_ref()
             .and_then(|w| w.signature.secret_ref.as_ref())
         {
-            names.insert(s.name.clone());
+            refs.push(s);
+        }
+        for r in refs {
+            add(&r.name, &r.key);
         }
     }
-    names
+    keys
+}
+
+/// The Secrets a pod mounts, by name: those of its NATS credentials and
+/// CA, and those a set of Connectors reads.
+pub fn secret_names<'a>(
+    nats: &PodNats,
+    connectors: impl IntoIterator<Item = &'a ConnectorSpec>,
+) -> BTreeSet<String> {
+    secret_keys(nats, connectors).into_keys().collect()
 }
 
 /// What the Secrets a pod mounts are like now.
@@ -66,22 +88,23 @@ pub struct SecretsSeen {
     /// A hash of their data (a missing Secret hashes as missing): it
     /// changes when any of them is rotated, created or deleted.
     pub hash: String,
-    /// Those that do not exist: a pod that mounts them cannot start.
+    /// Those that do not exist (a pod that mounts them cannot start), and
+    /// keys a pod reads that its Secret does not have, as `secret: key k`.
     pub missing: Vec<String>,
 }
 
-/// [`SecretsSeen`] of the Secrets `names` of `namespace`.
+/// [`SecretsSeen`] of the Secrets `keys` of `namespace`.
 pub async fn secrets_hash(
     client: &kube::Client,
     namespace: &str,
-    names: &BTreeSet<String>,
+    keys: &SecretKeys,
 ) -> Result<SecretsSeen, crate::error::Error> {
     use sha2::{Digest, Sha256};
     let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
         kube::Api::namespaced(client.clone(), namespace);
     let mut h = Sha256::new();
     let mut missing = Vec::new();
-    for name in names {
+    for (name, wanted) in keys {
         let secret = api
             .get_opt(name)
             .await
@@ -93,6 +116,15 @@ pub async fn secrets_hash(
         h.update([0]);
         match secret {
             Some(s) => {
+                // `stringData` too: the API server folds it into `data`, a
+                // fake may not.
+                let has = |k: &String| {
+                    s.data.as_ref().is_some_and(|d| d.contains_key(k))
+                        || s.string_data.as_ref().is_some_and(|d| d.contains_key(k))
+                };
+                for k in wanted.iter().filter(|k| !has(k)) {
+                    missing.push(format!("{name}: key {k}"));
+                }
                 // BTreeMap: keys in a stable order.
                 for (k, v) in s.data.unwrap_or_default() {
                     h.update(k.as_bytes());
@@ -363,6 +395,47 @@ mod tests {
             ca: Some(SecretKey::new("c", "nats", "ca.crt").unwrap()),
         };
         assert_eq!(secret_names(&one, []).len(), 1);
+    }
+
+    #[test]
+    fn every_key_a_pod_reads_is_listed_under_its_secret() {
+        let set = crate::fixtures::example("shipment-to-invoice");
+        let keys = secret_keys(
+            &secured::settings(settings()).pod_nats,
+            set.connectors.iter().map(|c| &c.spec),
+        );
+        assert_eq!(
+            keys["nats-user"],
+            BTreeSet::from(["user.creds".to_string()])
+        );
+        assert_eq!(keys["nats-ca"], BTreeSet::from(["ca.crt".to_string()]));
+        // The example's Connectors: the ERP's bearer token and the webhook
+        // signing Secrets, each with the key its Connector names.
+        let erp = set
+            .connectors
+            .iter()
+            .find(|c| c.metadata.name.as_deref() == Some("erp"))
+            .unwrap();
+        let token = &erp
+            .spec
+            .rest
+            .as_ref()
+            .unwrap()
+            .auth
+            .as_ref()
+            .unwrap()
+            .bearer
+            .as_ref()
+            .unwrap()
+            .secret_ref;
+        assert!(keys[&token.name].contains(&token.key), "{keys:?}");
+        assert_eq!(
+            keys.keys().cloned().collect::<BTreeSet<_>>(),
+            secret_names(
+                &secured::settings(settings()).pod_nats,
+                set.connectors.iter().map(|c| &c.spec)
+            )
+        );
     }
 
     #[test]

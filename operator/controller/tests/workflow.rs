@@ -481,22 +481,40 @@ async fn rotated_nats_credentials_roll_the_workers() {
     assert!(message.contains("tallyman-nats"), "{message}");
     let hash =
         |t: &serde_json::Value| t["metadata"]["annotations"]["tallyman.dev/secrets-hash"].clone();
-    // Created after the workers: they roll to get it.
+    // Created after the workers, under another key: they roll to get it,
+    // and the key they read is named.
     secrets
         .create(
             &Default::default(),
             &serde_json::from_value(json!({
                 "apiVersion": "v1", "kind": "Secret",
                 "metadata": {"name": "tallyman-nats"},
-                "data": {"nats.creds": "b2xk"}
+                "data": {"user.creds": "b2xk"}
             }))
             .unwrap(),
         )
         .await
         .unwrap();
     reconcile(&env).await.unwrap();
+    let misnamed = pod(&env);
+    assert_ne!(hash(&misnamed), hash(&missing));
+    let (reason, message) = ready(&env);
+    assert_eq!(reason, "SecretsMissing");
+    assert!(
+        message.contains("tallyman-nats: key nats.creds"),
+        "{message}"
+    );
+    secrets
+        .patch(
+            "tallyman-nats",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"data": {"nats.creds": "b2xk"}})),
+        )
+        .await
+        .unwrap();
+    reconcile(&env).await.unwrap();
     let created = pod(&env);
-    assert_ne!(hash(&created), hash(&missing));
+    assert_ne!(hash(&created), hash(&misnamed));
     let (reason, message) = ready(&env);
     assert!(!message.contains("tallyman-nats"), "{reason}: {message}");
     // Rotated.

@@ -73,7 +73,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let services = Api::<Service>::namespaced(client.clone(), &ns);
-    let secrets = crate::pods::secret_names(&ctx.settings.pod_nats, served.iter().map(|c| &c.spec));
+    let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, served.iter().map(|c| &c.spec));
     let secrets = crate::pods::secrets_hash(client, &ns, &secrets).await?;
     match gateway::build(&ns, &served, &ctx.settings, &secrets.hash)? {
         Some(g) => {

@@ -43,7 +43,7 @@ pub fn status(
             false,
             REASON_SECRETS_MISSING,
             format!(
-                "the gateway pods cannot start until these Secrets exist in namespace {ns}: {}",
+                "the gateway pods need what is missing from the Secrets of namespace {ns}: {}",
                 missing_secrets.join(", ")
             ),
             generation,

@@ -90,7 +90,7 @@ async fn apply(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
             return Ok(Action::await_change());
         }
     };
-    let secrets = crate::pods::secret_names(&ctx.settings.pod_nats, def.connectors.values());
+    let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, def.connectors.values());
     let secrets = crate::pods::secrets_hash(&ctx.client, &ns, &secrets).await?;
     let children = build::build(wf, &def, &ctx.settings, &secrets.hash)?;
     jetstream::ensure(&ctx.jetstream, &def)

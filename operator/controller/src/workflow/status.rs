@@ -94,7 +94,7 @@ pub fn running(
             false,
             REASON_SECRETS_MISSING,
             format!(
-                "{ready} of {desired} workers ready; the worker pods cannot start until these Secrets exist in namespace {}: {}",
+                "{ready} of {desired} workers ready; the worker pods need what is missing from the Secrets of namespace {}: {}",
                 wf.metadata.namespace.as_deref().unwrap_or_default(),
                 missing_secrets.join(", "),
             ),
