@@ -1,6 +1,6 @@
 //! Generated files in the repository are current: `crds/` and the CRD
 //! reference. Regenerate with
-//! `cargo run -p tallyman -- crdgen --dir crds` and
+//! `cargo run -p tallyman -- crdgen --dir crds --dir charts/tallyman/crds` and
 //! `cargo run -p tallyman -- crdgen --reference > docs/reference/crds.md`.
 
 use std::path::Path;
@@ -17,7 +17,7 @@ fn crds_directory_is_current() {
         let on_disk = std::fs::read_to_string(dir.join(name)).unwrap_or_default();
         assert!(
             on_disk == *content,
-            "crds/{name} is stale; run `cargo run -p tallyman -- crdgen --dir crds`"
+            "crds/{name} is stale; run `cargo run -p tallyman -- crdgen --dir crds --dir charts/tallyman/crds`"
         );
     }
     let count = std::fs::read_dir(&dir).unwrap().count();

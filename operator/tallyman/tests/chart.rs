@@ -694,14 +694,14 @@ fn crds_are_the_generated_ones() {
     assert_eq!(
         names,
         list(&shipped),
-        "charts/tallyman/crds/ must hold exactly the files of crds/: cp crds/*.yaml charts/tallyman/crds/"
+        "charts/tallyman/crds/ must hold exactly the files of crds/: tallyman crdgen --dir crds --dir charts/tallyman/crds"
     );
     for name in &names {
         let a = std::fs::read(generated.join(name)).expect("read");
         let b = std::fs::read(shipped.join(name)).expect("read");
         assert!(
             a == b,
-            "charts/tallyman/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/tallyman/crds/"
+            "charts/tallyman/crds/{name} differs from crds/{name}: tallyman crdgen --dir crds --dir charts/tallyman/crds"
         );
     }
     for values in Values::ALL {

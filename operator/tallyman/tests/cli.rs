@@ -84,21 +84,37 @@ fn crdgen_prints_all_crds_and_writes_one_file_each() {
     ] {
         assert!(text.contains(&format!("name: {name}")), "{name} missing");
     }
+    // Both copies the repository keeps (crds/ and the chart's), at once.
     let dir = tempfile::tempdir().unwrap();
-    let out = tallyman(&["crdgen", "--dir", dir.path().to_str().unwrap()]);
+    let (a, b) = (dir.path().join("crds"), dir.path().join("chart/crds"));
+    let out = tallyman(&[
+        "crdgen",
+        "--dir",
+        a.to_str().unwrap(),
+        "--dir",
+        b.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(0));
-    let mut files: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
-    assert_eq!(
-        files,
-        [
-            "approvalpolicies.tallyman.dev.yaml",
-            "connectors.tallyman.dev.yaml",
-            "exceptioncases.tallyman.dev.yaml",
-            "workflows.tallyman.dev.yaml"
-        ]
-    );
+    for d in [&a, &b] {
+        let mut files: Vec<String> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(
+            files,
+            [
+                "approvalpolicies.tallyman.dev.yaml",
+                "connectors.tallyman.dev.yaml",
+                "exceptioncases.tallyman.dev.yaml",
+                "workflows.tallyman.dev.yaml"
+            ]
+        );
+        for f in &files {
+            assert_eq!(
+                std::fs::read(a.join(f)).unwrap(),
+                std::fs::read(d.join(f)).unwrap()
+            );
+        }
+    }
 }

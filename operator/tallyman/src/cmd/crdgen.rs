@@ -8,9 +8,10 @@ use anyhow::Context;
 #[derive(clap::Args)]
 pub struct Args {
     /// Write one file per CRD, named `<plural>.<group>.yaml`, into DIR
-    /// instead of printing a multi-document stream.
+    /// instead of printing a multi-document stream; repeat it for more
+    /// copies (`--dir crds --dir charts/tallyman/crds`).
     #[arg(long, value_name = "DIR")]
-    dir: Option<PathBuf>,
+    dir: Vec<PathBuf>,
     /// Print the field reference as Markdown instead (docs/reference/crds.md).
     #[arg(long, conflicts_with = "dir")]
     reference: bool,
@@ -24,18 +25,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    match args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("failed to create {}", dir.display()))?;
-            for (file, yaml) in tallyman_core::crdgen::files()? {
-                let path = dir.join(&file);
-                std::fs::write(&path, yaml)
-                    .with_context(|| format!("failed to write {}", path.display()))?;
-                eprintln!("wrote {}", path.display());
-            }
+    if args.dir.is_empty() {
+        print!("{}", tallyman_core::crdgen::stream()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let files = tallyman_core::crdgen::files()?;
+    for dir in &args.dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("failed to create {}", dir.display()))?;
+        for (file, yaml) in &files {
+            let path = dir.join(file);
+            std::fs::write(&path, yaml)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+            eprintln!("wrote {}", path.display());
         }
-        None => print!("{}", tallyman_core::crdgen::stream()?),
     }
     Ok(ExitCode::SUCCESS)
 }
