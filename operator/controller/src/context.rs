@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Client, Resource};
+use tallyman_api::v1alpha1::SecretKeyRef;
 use tallyman_telemetry::{ControllerLabels, Metrics, ReconcileErrorLabels};
 
 use crate::error::Error;
@@ -30,62 +31,42 @@ pub struct Settings {
 /// Secret rolls the pods, as a Connector's does.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PodNats {
-    pub creds: Option<SecretKey>,
-    pub ca: Option<SecretKey>,
+    pub creds: Option<SecretKeyRef>,
+    pub ca: Option<SecretKeyRef>,
 }
 
-/// One key of a Secret.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SecretKey {
-    pub secret: String,
-    pub key: String,
-}
-
-impl SecretKey {
-    /// `secret` and `key` as a Secret's name and data key must be: a DNS
-    /// subdomain, and `[-._a-zA-Z0-9]+`. `flag` names the setting in the
-    /// error.
-    pub fn new(flag: &str, secret: &str, key: &str) -> Result<SecretKey, String> {
-        let label_ok = |l: &str| {
-            !l.is_empty()
-                && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if secret.len() > 253 || !secret.split('.').all(label_ok) {
-            return Err(format!(
-                "{flag}: {secret:?} is not a Secret name (a DNS subdomain: lower case letters, digits, '-' and '.')"
-            ));
-        }
-        if key.is_empty()
-            || key.len() > 253
-            || key == "."
-            || key == ".."
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
-        {
-            return Err(format!(
-                "{flag}: {key:?} is not a Secret key (letters, digits, '-', '_' and '.')"
-            ));
-        }
-        Ok(SecretKey {
-            secret: secret.into(),
-            key: key.into(),
-        })
+/// `name` and `key` checked as a Secret's name and data key must be: a DNS
+/// subdomain, and `[-._a-zA-Z0-9]+`. `flag` names the setting in the error.
+pub fn secret_key_ref(flag: &str, name: &str, key: &str) -> Result<SecretKeyRef, String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{flag}: {name:?} is not a Secret name (a DNS subdomain: lower case letters, digits, '-' and '.')"
+        ));
     }
-}
-
-impl PodNats {
-    /// The Secrets the pods mount for NATS.
-    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
-        [&self.creds, &self.ca]
-            .into_iter()
-            .flatten()
-            .map(|k| k.secret.as_str())
+    if key.is_empty()
+        || key.len() > 253
+        || key == "."
+        || key == ".."
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+    {
+        return Err(format!(
+            "{flag}: {key:?} is not a Secret key (letters, digits, '-', '_' and '.')"
+        ));
     }
+    Ok(SecretKeyRef {
+        name: name.into(),
+        key: key.into(),
+    })
 }
 
 /// Shared by every reconcile of every controller.

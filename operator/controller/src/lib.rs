@@ -28,5 +28,5 @@ pub mod run;
 pub mod validation;
 pub mod workflow;
 
-pub use context::{Context, PodNats, SecretKey, Settings};
+pub use context::{Context, PodNats, Settings, secret_key_ref};
 pub use error::Error;

@@ -11,7 +11,9 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tallyman_api::v1alpha1::ConnectorSpec;
 
-use crate::context::{PodNats, SecretKey, Settings};
+use tallyman_api::v1alpha1::SecretKeyRef;
+
+use crate::context::{PodNats, Settings};
 
 /// Where Secrets are mounted, one directory per Secret: `<dir>/<name>/<key>`.
 pub const SECRETS_DIR: &str = "/var/run/tallyman/secrets";
@@ -29,17 +31,8 @@ pub fn secret_keys<'a>(
     nats: &PodNats,
     connectors: impl IntoIterator<Item = &'a ConnectorSpec>,
 ) -> SecretKeys {
-    let mut keys = SecretKeys::new();
-    let mut add = |name: &str, key: &str| {
-        keys.entry(name.to_string())
-            .or_default()
-            .insert(key.to_string());
-    };
-    for k in [&nats.creds, &nats.ca].into_iter().flatten() {
-        add(&k.secret, &k.key);
-    }
+    let mut refs: Vec<&SecretKeyRef> = [&nats.creds, &nats.ca].into_iter().flatten().collect();
     for c in connectors {
-        let mut refs = Vec::new();
         if let Some(rest) = &c.rest {
             if let Some(auth) = &rest.auth {
                 if let Some(b) = &auth.bearer {
@@ -66,9 +59,12 @@ pub fn secret_keys<'a>(
         {
             refs.push(s);
         }
-        for r in refs {
-            add(&r.name, &r.key);
-        }
+    }
+    let mut keys = SecretKeys::new();
+    for r in refs {
+        keys.entry(r.name.clone())
+            .or_default()
+            .insert(r.key.clone());
     }
     keys
 }
@@ -94,7 +90,7 @@ pub struct SecretsSeen {
 }
 
 /// [`SecretsSeen`] of the Secrets `keys` of `namespace`.
-pub async fn secrets_hash(
+pub async fn secrets_seen(
     client: &kube::Client,
     namespace: &str,
     keys: &SecretKeys,
@@ -268,7 +264,7 @@ pub fn container(name: &str, args: Vec<String>, settings: &Settings) -> Containe
         ..Default::default()
     };
     let mut env = vec![var("TALLYMAN_NATS_URL", settings.nats_url.clone())];
-    let file = |k: &SecretKey| format!("{SECRETS_DIR}/{}/{}", k.secret, k.key);
+    let file = |k: &SecretKeyRef| format!("{SECRETS_DIR}/{}/{}", k.name, k.key);
     if let Some(creds) = &settings.pod_nats.creds {
         env.push(var("TALLYMAN_NATS_CREDS", file(creds)));
     }
@@ -314,8 +310,10 @@ pub(crate) mod secured {
     /// `user.creds`) and the CA in Secret `nats-ca` (key `ca.crt`).
     pub fn settings(mut base: Settings) -> Settings {
         base.pod_nats = PodNats {
-            creds: Some(SecretKey::new("creds", "nats-user", "user.creds").unwrap()),
-            ca: Some(SecretKey::new("ca", "nats-ca", "ca.crt").unwrap()),
+            creds: Some(
+                crate::context::secret_key_ref("creds", "nats-user", "user.creds").unwrap(),
+            ),
+            ca: Some(crate::context::secret_key_ref("ca", "nats-ca", "ca.crt").unwrap()),
         };
         base
     }
@@ -391,8 +389,8 @@ mod tests {
         );
         // One Secret for both: one mount.
         let one = PodNats {
-            creds: Some(SecretKey::new("c", "nats", "user.creds").unwrap()),
-            ca: Some(SecretKey::new("c", "nats", "ca.crt").unwrap()),
+            creds: Some(crate::context::secret_key_ref("c", "nats", "user.creds").unwrap()),
+            ca: Some(crate::context::secret_key_ref("c", "nats", "ca.crt").unwrap()),
         };
         assert_eq!(secret_names(&one, []).len(), 1);
     }
@@ -449,9 +447,10 @@ mod tests {
             ("ok", "a/b"),
             ("ok", ".."),
         ] {
-            let err = SecretKey::new("--pod-nats-creds-secret", secret, key).unwrap_err();
+            let err =
+                crate::context::secret_key_ref("--pod-nats-creds-secret", secret, key).unwrap_err();
             assert!(err.starts_with("--pod-nats-creds-secret: "), "{err}");
         }
-        assert!(SecretKey::new("f", "nats.tallyman-1", "user_1.creds").is_ok());
+        assert!(crate::context::secret_key_ref("f", "nats.tallyman-1", "user_1.creds").is_ok());
     }
 }

@@ -432,7 +432,7 @@ async fn a_rotated_secret_rolls_the_workers() {
 async fn rotated_nats_credentials_roll_the_workers() {
     let env = env_with(tallyman_controller::PodNats {
         creds: Some(
-            tallyman_controller::SecretKey::new("t", "tallyman-nats", "nats.creds").unwrap(),
+            tallyman_controller::secret_key_ref("t", "tallyman-nats", "nats.creds").unwrap(),
         ),
         ca: None,
     })

@@ -74,7 +74,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let services = Api::<Service>::namespaced(client.clone(), &ns);
     let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, served.iter().map(|c| &c.spec));
-    let secrets = crate::pods::secrets_hash(client, &ns, &secrets).await?;
+    let secrets = crate::pods::secrets_seen(client, &ns, &secrets).await?;
     match gateway::build(&ns, &served, &ctx.settings, &secrets.hash)? {
         Some(g) => {
             meta::apply(&config_maps, &g.config_map).await?;

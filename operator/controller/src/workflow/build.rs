@@ -67,7 +67,7 @@ fn metadata(wf: &Workflow, name: String) -> Result<ObjectMeta, Error> {
 }
 
 /// The children of `wf`, running `def`; `secrets_hash` is
-/// [`pods::secrets_hash`] of the Secrets its Connectors use.
+/// the hash of [`pods::secrets_seen`] of the Secrets its pods mount.
 pub fn build(
     wf: &Workflow,
     def: &Definition,

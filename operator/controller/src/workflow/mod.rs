@@ -91,7 +91,7 @@ async fn apply(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
         }
     };
     let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, def.connectors.values());
-    let secrets = crate::pods::secrets_hash(&ctx.client, &ns, &secrets).await?;
+    let secrets = crate::pods::secrets_seen(&ctx.client, &ns, &secrets).await?;
     let children = build::build(wf, &def, &ctx.settings, &secrets.hash)?;
     jetstream::ensure(&ctx.jetstream, &def)
         .await

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use tallyman_controller::run::{self, Options};
-use tallyman_controller::{PodNats, SecretKey, Settings};
+use tallyman_controller::{PodNats, Settings, secret_key_ref};
 
 use super::worker::shutdown_signal;
 
@@ -83,7 +83,7 @@ fn pod_nats(args: &Args) -> anyhow::Result<PodNats> {
     let key = |flag: &str, secret: &Option<String>, key: &str| {
         secret
             .as_deref()
-            .map(|s| SecretKey::new(flag, s, key))
+            .map(|s| secret_key_ref(flag, s, key))
             .transpose()
             .map_err(anyhow::Error::msg)
     };
