@@ -68,39 +68,35 @@ async fn ensure_kv(
 /// name: `_` is not allowed in one.
 pub const AUDIT_CREATED_KEY: &str = "_audit-stream-created";
 
-/// The streams shared by every workflow of a namespace (the gateway and the
-/// operator ensure the same ones).
-pub async fn ensure_namespace(
-    js: &jetstream::Context,
-    names: &Names,
-) -> Result<stream::Stream, Error> {
+/// What every workflow of a namespace shares.
+pub struct Namespace {
+    pub events: stream::Stream,
+    /// The instance counters of its workflows, and when its audit stream
+    /// was first made.
+    pub counts: kv::Store,
+}
+
+/// The streams and the counts bucket shared by every workflow of a
+/// namespace (the gateway and the operator ensure the same ones).
+pub async fn ensure_namespace(js: &jetstream::Context, names: &Names) -> Result<Namespace, Error> {
     let events = ensure_stream(js, names.events_stream(), names.events_wildcard(), false).await?;
-    let mut audit = ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
+    let audit = ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
     ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
-    anchor_audit(js, names, &mut audit).await?;
-    Ok(events)
+    let counts = ensure_kv(js, names.counts_bucket(), 1).await?;
+    anchor_audit(&counts, names, &audit).await?;
+    Ok(Namespace { events, counts })
 }
 
 /// Write down when the audit stream was created, once: a stream deleted
 /// and made again has no gap in its sequence for `audit verify` to find,
 /// but a later creation time than the one written down first.
 async fn anchor_audit(
-    js: &jetstream::Context,
+    counts: &kv::Store,
     names: &Names,
-    audit: &mut stream::Stream,
+    audit: &stream::Stream,
 ) -> Result<(), Error> {
-    let created = audit
-        .info()
-        .await
-        .map_err(|e| {
-            Error::Setup(format!(
-                "failed to read stream {}: {e}",
-                names.audit_stream()
-            ))
-        })?
-        .created
-        .unix_timestamp_nanos();
-    let counts = ensure_kv(js, names.counts_bucket(), 1).await?;
+    // As found or made just now: the creation time never changes.
+    let created = audit.cached_info().created.unix_timestamp_nanos();
     match counts
         .create(AUDIT_CREATED_KEY, created.to_string().into())
         .await
@@ -122,7 +118,10 @@ pub async fn ensure(
     max_ack_pending: i64,
     ack_wait: Duration,
 ) -> Result<Handles, Error> {
-    let events_stream = ensure_namespace(js, names).await?;
+    let Namespace {
+        events: events_stream,
+        counts,
+    } = ensure_namespace(js, names).await?;
     let timers_stream =
         ensure_stream(js, names.timers_stream(), names.timers_wildcard(), true).await?;
     let events = events_stream
@@ -171,7 +170,7 @@ pub async fn ensure(
         instances: ensure_kv(js, names.instances_bucket(), 1).await?,
         cases: ensure_kv(js, names.cases_bucket(), 5).await?,
         definitions: ensure_kv(js, names.definitions_bucket(), 1).await?,
-        counts: ensure_kv(js, names.counts_bucket(), 1).await?,
+        counts,
         events,
         timers,
         timers_stream,
