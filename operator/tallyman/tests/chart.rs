@@ -601,11 +601,7 @@ fn rbac_is_least_privilege_without_wildcards() {
 
         // Leader election: the namespaced Role may touch only the Lease the
         // operator is told to use.
-        let deployment: Deployment = objects
-            .iter()
-            .find(|o| o.kind() == "Deployment")
-            .expect("the operator Deployment")
-            .typed();
+        let deployment: Deployment = operator_deployment(&objects);
         let args = operator_container(&deployment)
             .args
             .clone()
@@ -628,6 +624,15 @@ fn rbac_is_least_privilege_without_wildcards() {
                 && r.verbs.contains(&"get".to_string())
         }));
     }
+}
+
+/// The one Deployment the chart renders: the operator's.
+fn operator_deployment(objects: &[Object]) -> Deployment {
+    objects
+        .iter()
+        .find(|o| o.kind() == "Deployment")
+        .expect("the operator Deployment")
+        .typed()
 }
 
 fn operator_container(d: &Deployment) -> &k8s_openapi::api::core::v1::Container {
@@ -660,11 +665,7 @@ fn the_operator_understands_every_variable_the_chart_sets() {
     let not_flags = ["TALLYMAN_LOG_FORMAT"];
     for values in Values::ALL {
         let objects = render(values);
-        let d: Deployment = objects
-            .iter()
-            .find(|o| o.kind() == "Deployment")
-            .expect("the operator Deployment")
-            .typed();
+        let d: Deployment = operator_deployment(&objects);
         let c = operator_container(&d);
         for var in c.env.iter().flatten() {
             let name = var.name.as_str();
@@ -727,11 +728,7 @@ fn crds_are_the_generated_ones() {
 fn the_operator_runs_with_leader_election_probes_and_nats() {
     for values in Values::ALL {
         let objects = render(values);
-        let d: Deployment = objects
-            .iter()
-            .find(|o| o.kind() == "Deployment")
-            .expect("the operator Deployment")
-            .typed();
+        let d: Deployment = operator_deployment(&objects);
         let spec = d.spec.as_ref().expect("spec");
         let expected = match values {
             Values::Default => 2,

@@ -2,6 +2,8 @@
 //! real nats-server, picks up changed manifests on SIGHUP, and stops
 //! cleanly on SIGTERM.
 
+mod support;
+
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -201,16 +203,8 @@ async fn the_gateway_publishes_to_a_broker_that_requires_credentials_and_tls() {
     gw.ready().await;
     let r = post(&gw.wms("dummy-wms-signing-secret-change-me"), SHIPMENT).await;
     assert_eq!(r.status, 202, "{}", r.text());
-    let client = async_nats::ConnectOptions::new()
-        .credentials_file(secrets.creds())
+    let mut stream = support::secured_jetstream(&nats, &secrets)
         .await
-        .unwrap()
-        .add_root_certificates(secrets.ca().to_path_buf())
-        .require_tls(true)
-        .connect(nats.url())
-        .await
-        .unwrap();
-    let mut stream = async_nats::jetstream::new(client)
         .get_stream("TALLYMAN_FINANCE_EVENTS")
         .await
         .unwrap();

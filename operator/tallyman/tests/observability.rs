@@ -5,7 +5,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -37,19 +37,8 @@ async fn health_readiness_metrics_and_a_poison_message() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
-        .args([
-            "worker",
-            "--nats",
-            &nats.url(),
-            "--namespace",
-            NS,
-            "--workflow",
-            WF,
-        ])
+    let mut child = worker_command(&nats.url())
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .arg("--manifests")
-        .arg(examples())
         .args(["--connector-url", &format!("erp={}", erp.base_url())])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

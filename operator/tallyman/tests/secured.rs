@@ -9,23 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use async_nats::jetstream;
 use support::*;
 use tallyman_testing::erp::SimErp;
-use tallyman_testing::nats::{NatsSecrets, NatsServer};
-
-async fn client(nats: &NatsServer, secrets: &NatsSecrets) -> jetstream::Context {
-    let client = async_nats::ConnectOptions::new()
-        .credentials_file(secrets.creds())
-        .await
-        .expect("the creds file reads")
-        .add_root_certificates(secrets.ca().to_path_buf())
-        .require_tls(true)
-        .connect(nats.url())
-        .await
-        .expect("the test connects");
-    jetstream::new(client)
-}
+use tallyman_testing::nats::NatsServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_credentials_and_ca_runs_and_the_audit_verifies() {
@@ -39,7 +25,7 @@ async fn a_worker_with_credentials_and_ca_runs_and_the_audit_verifies() {
             ("TALLYMAN_NATS_CA", secrets.ca()),
         ],
     );
-    let js = client(&nats, &secrets).await;
+    let js = secured_jetstream(&nats, &secrets).await;
     let n = 10;
     publish_orders(&js, &erp, n).await;
     wait_all_completed(&js, n, Duration::from_secs(30)).await;
@@ -77,20 +63,8 @@ async fn a_worker_with_credentials_and_ca_runs_and_the_audit_verifies() {
 async fn a_worker_without_credentials_exits_saying_why() {
     let (nats, secrets) = NatsServer::start_secured();
     let run = |env: &[(&str, &Path)]| {
-        Command::new(env!("CARGO_BIN_EXE_tallyman"))
-            .args([
-                "worker",
-                "--nats",
-                &nats.url(),
-                "--namespace",
-                NS,
-                "--workflow",
-                WF,
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--manifests")
-            .arg(examples())
+        worker_command(&nats.url())
+            .args(["--listen", "127.0.0.1:0"])
             .envs(env.iter().copied())
             .output()
             .expect("tallyman worker runs")

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use bytes::Bytes;
 use tallyman_testing::erp::SimErp;
+use tallyman_testing::nats::{NatsSecrets, NatsServer};
 use tallyman_testing::orders;
 
 pub const NS: &str = "finance";
@@ -17,6 +18,38 @@ pub const WF: &str = "shipment-to-invoice";
 
 pub fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice")
+}
+
+/// `tallyman worker` on the example's Workflow against `nats`, from the
+/// manifests; the caller adds where it listens and the rest.
+pub fn worker_command(nats: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyman"));
+    cmd.args([
+        "worker",
+        "--nats",
+        nats,
+        "--namespace",
+        NS,
+        "--workflow",
+        WF,
+    ])
+    .arg("--manifests")
+    .arg(examples());
+    cmd
+}
+
+/// A JetStream client of a broker from [`NatsServer::start_secured`].
+pub async fn secured_jetstream(nats: &NatsServer, secrets: &NatsSecrets) -> jetstream::Context {
+    let client = async_nats::ConnectOptions::new()
+        .credentials_file(secrets.creds())
+        .await
+        .expect("the creds file reads")
+        .add_root_certificates(secrets.ca().to_path_buf())
+        .require_tls(true)
+        .connect(nats.url())
+        .await
+        .expect("the test connects");
+    jetstream::new(client)
 }
 
 pub struct WorkerProcess(pub Child);
@@ -28,20 +61,8 @@ impl WorkerProcess {
 
     /// [`WorkerProcess::start`] with more environment variables.
     pub fn start_with(nats: &str, erp: &str, env: &[(&str, &Path)]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
-            .args([
-                "worker",
-                "--nats",
-                nats,
-                "--namespace",
-                NS,
-                "--workflow",
-                WF,
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--manifests")
-            .arg(examples())
+        let child = worker_command(nats)
+            .args(["--listen", "127.0.0.1:0"])
             .args([
                 "--connector-url",
                 &format!("erp={erp}"),
