@@ -392,20 +392,7 @@ fn fixtures_with_bad_correlate() -> tallyman_controller::fixtures::Example {
 async fn a_rotated_secret_rolls_the_workers() {
     let env = env().await;
     seed_example(&env, "shipment-to-invoice");
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(env.ctx.client.clone(), NS);
-    secrets
-        .create(
-            &Default::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "erp-api-token"},
-                "data": {"token": "b2xk"}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    create_secret(&env, "erp-api-token", json!({"token": "b2xk"})).await;
     settle(&env).await;
     let hash = |env: &Env| {
         let d = child(env, "apps/v1", "deployments", "shipment-to-invoice-worker").unwrap();
@@ -413,14 +400,7 @@ async fn a_rotated_secret_rolls_the_workers() {
     };
     let before = hash(&env);
     assert!(before.is_string());
-    secrets
-        .patch(
-            "erp-api-token",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"token": "bmV3"}})),
-        )
-        .await
-        .unwrap();
+    patch_secret(&env, "erp-api-token", json!({"token": "bmV3"})).await;
     reconcile(&env).await.unwrap();
     assert_ne!(hash(&env), before);
     // The definition did not change: only the Secret's data.
@@ -438,8 +418,6 @@ async fn rotated_nats_credentials_roll_the_workers() {
     })
     .await;
     seed_example(&env, "shipment-to-invoice");
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-        Api::namespaced(env.ctx.client.clone(), NS);
     settle(&env).await;
     let pod = |env: &Env| {
         child(env, "apps/v1", "deployments", "shipment-to-invoice-worker").unwrap()["spec"]
@@ -483,18 +461,7 @@ async fn rotated_nats_credentials_roll_the_workers() {
         |t: &serde_json::Value| t["metadata"]["annotations"]["tallyman.dev/secrets-hash"].clone();
     // Created after the workers, under another key: they roll to get it,
     // and the key they read is named.
-    secrets
-        .create(
-            &Default::default(),
-            &serde_json::from_value(json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": "tallyman-nats"},
-                "data": {"user.creds": "b2xk"}
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    create_secret(&env, "tallyman-nats", json!({"user.creds": "b2xk"})).await;
     reconcile(&env).await.unwrap();
     let misnamed = pod(&env);
     assert_ne!(hash(&misnamed), hash(&missing));
@@ -504,28 +471,43 @@ async fn rotated_nats_credentials_roll_the_workers() {
         message.contains("tallyman-nats: key nats.creds"),
         "{message}"
     );
-    secrets
-        .patch(
-            "tallyman-nats",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"nats.creds": "b2xk"}})),
-        )
-        .await
-        .unwrap();
+    patch_secret(&env, "tallyman-nats", json!({"nats.creds": "b2xk"})).await;
     reconcile(&env).await.unwrap();
     let created = pod(&env);
     assert_ne!(hash(&created), hash(&misnamed));
     let (reason, message) = ready(&env);
     assert!(!message.contains("tallyman-nats"), "{reason}: {message}");
     // Rotated.
-    secrets
-        .patch(
-            "tallyman-nats",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"data": {"nats.creds": "bmV3"}})),
+    patch_secret(&env, "tallyman-nats", json!({"nats.creds": "bmV3"})).await;
+    reconcile(&env).await.unwrap();
+    assert_ne!(hash(&pod(&env)), hash(&created));
+}
+
+fn secrets(env: &Env) -> Api<k8s_openapi::api::core::v1::Secret> {
+    Api::namespaced(env.ctx.client.clone(), NS)
+}
+
+/// A Secret of the namespace with `data` (base64 values), as applied.
+async fn create_secret(env: &Env, name: &str, data: serde_json::Value) {
+    let secret =
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": data});
+    secrets(env)
+        .create(
+            &Default::default(),
+            &serde_json::from_value(secret).unwrap(),
         )
         .await
         .unwrap();
-    reconcile(&env).await.unwrap();
-    assert_ne!(hash(&pod(&env)), hash(&created));
+}
+
+/// `data` merged into the Secret `name`: a rotation.
+async fn patch_secret(env: &Env, name: &str, data: serde_json::Value) {
+    secrets(env)
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "data": data })),
+        )
+        .await
+        .unwrap();
 }

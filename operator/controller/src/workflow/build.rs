@@ -277,21 +277,22 @@ mod tests {
     }
 
     fn built(example: &str) -> (Workflow, Definition, Children) {
+        built_with(example, &settings())
+    }
+
+    fn built_with(example: &str, settings: &Settings) -> (Workflow, Definition, Children) {
         let set = fixtures::example(example);
         let mut wf = set.workflows[0].clone();
         wf.metadata.uid = Some("uid-1".into());
         let def = validate(&wf, &set.connectors, &set.policies).unwrap();
-        let children = build(&wf, &def, &settings(), "h0").unwrap();
+        let children = build(&wf, &def, settings, "h0").unwrap();
         (wf, def, children)
     }
 
     #[test]
     fn workers_connect_to_a_secured_nats_with_secrets_of_their_namespace() {
-        let set = fixtures::example("shipment-to-invoice");
-        let mut wf = set.workflows[0].clone();
-        wf.metadata.uid = Some("uid-1".into());
-        let def = validate(&wf, &set.connectors, &set.policies).unwrap();
-        let children = build(&wf, &def, &pods::secured::settings(settings()), "h0").unwrap();
+        let (_, def, children) =
+            built_with("shipment-to-invoice", &pods::secured::settings(settings()));
         let pod = children.deployment.spec.unwrap().template.spec.unwrap();
         pods::secured::assert_connects_with_mounted_files(&pod);
         // The Connectors' Secrets are still mounted beside them.

@@ -349,11 +349,10 @@ fn a_missing_shipment_times_out_through_the_route() {
     );
 }
 
-#[test]
-fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
-    let def = compiled("shipment-to-invoice");
-    let m = Machine::new(&def, t0());
-    let mut inst = Instance::new("4711", &def.revision, 0);
+/// An order of shipment-to-invoice whose first call (GET the order) has
+/// failed for good: what the machine answered, and the instance.
+fn order_call_failed(m: &Machine) -> (Next, Instance) {
+    let mut inst = Instance::new("4711", &m.def.revision, 0);
     m.apply(&mut inst, order_created());
     plan(m.apply(&mut inst, shipment(5)));
     let failed = CallResult::Failed {
@@ -361,7 +360,15 @@ fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
         status: Some(503),
         attempts: 6,
     };
-    assert_eq!(m.apply(&mut inst, Input::CallDone(failed)), Next::Idle);
+    (m.apply(&mut inst, Input::CallDone(failed)), inst)
+}
+
+#[test]
+fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let (next, mut inst) = order_call_failed(&m);
+    assert_eq!(next, Next::Idle);
     assert!(
         inst.outbox
             .iter()
@@ -389,16 +396,7 @@ fn failed_call_case(exceptions: Option<Approvers>) -> CaseRequest {
     def.spec.exceptions =
         exceptions.map(|approvers| tallyman_api::v1alpha1::Exceptions { approvers });
     let def = Compiled::new(def).unwrap();
-    let m = Machine::new(&def, t0());
-    let mut inst = Instance::new("4711", &def.revision, 0);
-    m.apply(&mut inst, order_created());
-    plan(m.apply(&mut inst, shipment(5)));
-    let failed = CallResult::Failed {
-        message: "503 Service Unavailable after 6 attempts".into(),
-        status: Some(503),
-        attempts: 6,
-    };
-    m.apply(&mut inst, Input::CallDone(failed));
+    let (_, inst) = order_call_failed(&Machine::new(&def, t0()));
     inst.outbox
         .iter()
         .find_map(|o| match o {
