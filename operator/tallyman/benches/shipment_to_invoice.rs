@@ -8,6 +8,7 @@
 //! cargo bench -p tallyman --bench shipment_to_invoice                 # both worker counts, max rate
 //! BENCH_WORKERS=1 BENCH_ORDERS=20000 BENCH_RATE=1500 cargo bench ...  # paced, for latency
 //! BENCH_CONNECTIONS=2 ...                                               # NATS connections per worker (4)
+//! BENCH_IN_FLIGHT=64 ...                                                # messages in flight per worker (256)
 //! BENCH_HOLD=1 BENCH_WORKERS=1 BENCH_ORDERS=20000 cargo bench ...        # memory of held instances
 //! BENCH_LATENCIES=FILE ...      # each instance's "sent_ms latency_ms", to see when the slow ones were
 //! ```
@@ -129,7 +130,7 @@ async fn run(workers: usize, orders: usize, rate: usize) {
                 "--listen",
                 "127.0.0.1:0",
                 "--max-in-flight",
-                "256",
+                &env_usize("BENCH_IN_FLIGHT", 256).to_string(),
                 "--connections",
                 &env_usize("BENCH_CONNECTIONS", 4).to_string(),
             ])
