@@ -13,6 +13,8 @@ pub const REASON_ROLLING_OUT: &str = "RollingOut";
 pub const REASON_PODS_UNAVAILABLE: &str = "PodsUnavailable";
 /// A Secret the pods mount does not exist, so they cannot start.
 pub const REASON_SECRETS_MISSING: &str = "SecretsMissing";
+/// No pod of the namespace's webhook gateway is ready: no webhook is served.
+pub const REASON_GATEWAY_UNAVAILABLE: &str = "GatewayUnavailable";
 /// A Connector or ApprovalPolicy the Workflow uses is itself invalid.
 pub const REASON_INVALID_REFERENCE: &str = "InvalidReference";
 /// The REST endpoint answered the probe below 500.

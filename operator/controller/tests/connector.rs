@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use tallyman_api::v1alpha1::{ApprovalPolicy, Connector};
@@ -53,9 +54,31 @@ async fn webhook_connectors_get_one_gateway_and_their_urls() {
         status.webhook_url.as_deref(),
         Some("http://tallyman-gateway.finance.svc/webhooks/finance/wms/shipments")
     );
+    // Nothing serves the webhook until a gateway pod is ready.
+    let ready = conditions::get(&status.conditions, READY).unwrap();
     assert_eq!(
-        conditions::get(&status.conditions, READY).unwrap().status,
-        "True"
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "GatewayUnavailable"),
+        "{}",
+        ready.message
+    );
+    let deployments: Api<Deployment> = Api::namespaced(env.ctx.client.clone(), NS);
+    deployments
+        .patch_status(
+            gateway::NAME,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"replicas": 2, "readyReplicas": 1}})),
+        )
+        .await
+        .unwrap();
+    reconcile(&env, "wms").await;
+    let status = current::<Connector>(&env, "wms").unwrap().status.unwrap();
+    let ready = conditions::get(&status.conditions, READY).unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "Reconciled"),
+        "{}",
+        ready.message
     );
 
     // The second Connector's reconcile found the gateway as it wanted it.

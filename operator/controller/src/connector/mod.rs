@@ -75,11 +75,12 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let services = Api::<Service>::namespaced(client.clone(), &ns);
     let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, served.iter().map(|c| &c.spec));
     let secrets = crate::pods::secrets_seen(client, &ns, &secrets).await?;
-    match gateway::build(&ns, &served, &ctx.settings, &secrets.hash)? {
+    let pods = match gateway::build(&ns, &served, &ctx.settings, &secrets.hash)? {
         Some(g) => {
             meta::apply(&config_maps, &g.config_map).await?;
-            meta::apply(&deployments, &g.deployment).await?;
+            let (live, _) = meta::apply(&deployments, &g.deployment).await?;
             meta::apply(&services, &g.service).await?;
+            Some(status::GatewayPods::of(&live))
         }
         None => {
             // No webhook left to serve: the gateway goes (pruned by name; it
@@ -87,15 +88,16 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             meta::delete_if_present(&services, gateway::NAME).await?;
             meta::delete_if_present(&deployments, gateway::NAME).await?;
             meta::delete_if_present(&config_maps, gateway::NAME).await?;
+            None
         }
-    }
+    };
     let own = invalid.get(&name).cloned().unwrap_or_default();
     let probed = match (&c.spec.rest, own.is_empty()) {
         (Some(rest), true) => Some(probe::probe(client, &ns, &name, rest).await),
         _ => None,
     };
     let now = conditions::now();
-    let status = status::status(c, &own, probed.as_ref(), &secrets.missing, &now);
+    let status = status::status(c, &own, probed.as_ref(), &secrets.missing, pods, &now);
     update_status(c, ctx, status).await?;
     Ok(match (&c.spec.rest, own.is_empty()) {
         (Some(rest), true) => Action::requeue(rest.probe.interval.as_std()),

@@ -1,25 +1,49 @@
 //! The status a Connector should show. Pure.
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use tallyman_api::v1alpha1::{Connector, ConnectorStatus};
 
-use super::gateway::webhook_url;
+use super::gateway::{NAME as GATEWAY, webhook_url};
 use super::probe::Probed;
 use crate::conditions::{
-    self, REACHABLE, READY, REASON_INVALID_SPEC, REASON_PROBE_FAILED, REASON_PROBE_SUCCEEDED,
-    REASON_RECONCILED, REASON_SECRETS_MISSING,
+    self, REACHABLE, READY, REASON_GATEWAY_UNAVAILABLE, REASON_INVALID_SPEC, REASON_PROBE_FAILED,
+    REASON_PROBE_SUCCEEDED, REASON_RECONCILED, REASON_SECRETS_MISSING,
 };
+
+/// The namespace's gateway pods, from its Deployment as last seen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GatewayPods {
+    pub ready: i32,
+    pub desired: i32,
+}
+
+impl GatewayPods {
+    pub fn of(d: &Deployment) -> Self {
+        Self {
+            ready: d
+                .status
+                .as_ref()
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0),
+            desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+        }
+    }
+}
 
 /// `errors`: this Connector's validation errors (with field paths);
 /// `probed`: the probe's result, when it has a REST half and is valid;
 /// `missing_secrets`: Secrets the namespace's gateway pods mount that do
-/// not exist (no webhook is served until they do).
+/// not exist (no webhook is served until they do); `gateway`: its pods,
+/// when the namespace has a gateway (a webhook is served once one of them
+/// is ready).
 pub fn status(
     c: &Connector,
     errors: &[String],
     probed: Option<&Probed>,
     missing_secrets: &[String],
+    gateway: Option<GatewayPods>,
     now: &Time,
 ) -> ConnectorStatus {
     let mut status = c.status.clone().unwrap_or_default();
@@ -45,6 +69,19 @@ pub fn status(
             format!(
                 "the gateway pods need what is missing from the Secrets of namespace {ns}: {}",
                 missing_secrets.join(", ")
+            ),
+            generation,
+            now,
+        );
+    } else if let (Some(_), Some(pods)) = (&c.spec.webhook, gateway.filter(|g| g.ready == 0)) {
+        conditions::set(
+            cs,
+            READY,
+            false,
+            REASON_GATEWAY_UNAVAILABLE,
+            format!(
+                "no pod of Deployment {ns}/{GATEWAY} is ready (0 of {}), so the webhook is not served yet; its pods say why",
+                pods.desired
             ),
             generation,
             now,
@@ -97,6 +134,12 @@ mod tests {
         Time(Timestamp::from_second(1).unwrap())
     }
 
+    /// A gateway with one of its two pods ready.
+    const UP: Option<GatewayPods> = Some(GatewayPods {
+        ready: 1,
+        desired: 2,
+    });
+
     fn by_name(name: &str) -> Connector {
         fixtures::example("shipment-to-invoice")
             .connectors
@@ -108,7 +151,7 @@ mod tests {
     #[test]
     fn a_webhook_connector_names_its_url() {
         let c = by_name("wms");
-        let s = status(&c, &[], None, &[], &t());
+        let s = status(&c, &[], None, &[], UP, &t());
         assert_eq!(
             s.webhook_url.as_deref(),
             Some("http://tallyman-gateway.finance.svc/webhooks/finance/wms/shipments")
@@ -123,7 +166,7 @@ mod tests {
     #[test]
     fn a_webhook_is_not_ready_while_the_gateways_secrets_are_missing() {
         let missing = vec!["tallyman-nats".to_string()];
-        let s = status(&by_name("wms"), &[], None, &missing, &t());
+        let s = status(&by_name("wms"), &[], None, &missing, UP, &t());
         let ready = conditions::get(&s.conditions, READY).unwrap();
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
@@ -135,7 +178,7 @@ mod tests {
             ready.message
         );
         // A Connector the gateway does not serve is not held up by it.
-        let s = status(&by_name("erp"), &[], None, &missing, &t());
+        let s = status(&by_name("erp"), &[], None, &missing, None, &t());
         assert_eq!(
             conditions::get(&s.conditions, READY).unwrap().status,
             "True"
@@ -149,7 +192,7 @@ mod tests {
             reachable: false,
             message: "GET x failed".into(),
         };
-        let s = status(&c, &[], Some(&down), &[], &t());
+        let s = status(&c, &[], Some(&down), &[], None, &t());
         let r = conditions::get(&s.conditions, REACHABLE).unwrap();
         assert_eq!(
             (r.status.as_str(), r.reason.as_str()),
@@ -161,7 +204,7 @@ mod tests {
         };
         let mut c2 = c.clone();
         c2.status = Some(s);
-        let s = status(&c2, &[], Some(&up), &[], &t());
+        let s = status(&c2, &[], Some(&up), &[], None, &t());
         assert_eq!(
             conditions::get(&s.conditions, REACHABLE).unwrap().status,
             "True"
@@ -169,9 +212,52 @@ mod tests {
     }
 
     #[test]
+    fn a_webhook_is_not_ready_until_a_gateway_pod_is() {
+        let down = Some(GatewayPods {
+            ready: 0,
+            desired: 2,
+        });
+        let s = status(&by_name("wms"), &[], None, &[], down, &t());
+        let ready = conditions::get(&s.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", REASON_GATEWAY_UNAVAILABLE)
+        );
+        assert!(
+            ready
+                .message
+                .starts_with("no pod of Deployment finance/tallyman-gateway is ready (0 of 2)"),
+            "{}",
+            ready.message
+        );
+        // Where it will be served is known already.
+        assert!(s.webhook_url.is_some());
+        // Missing Secrets are the reason the pods are not ready: said first.
+        let missing = vec!["wms-signing".to_string()];
+        let s = status(&by_name("wms"), &[], None, &missing, down, &t());
+        assert_eq!(
+            conditions::get(&s.conditions, READY).unwrap().reason,
+            REASON_SECRETS_MISSING
+        );
+        // A REST Connector does not wait for the gateway.
+        let s = status(&by_name("erp"), &[], None, &[], down, &t());
+        assert_eq!(
+            conditions::get(&s.conditions, READY).unwrap().status,
+            "True"
+        );
+    }
+
+    #[test]
     fn errors_make_it_not_ready_and_serve_no_url() {
         let c = by_name("wms");
-        let s = status(&c, &["spec.webhook.path: taken".into()], None, &[], &t());
+        let s = status(
+            &c,
+            &["spec.webhook.path: taken".into()],
+            None,
+            &[],
+            UP,
+            &t(),
+        );
         let r = conditions::get(&s.conditions, READY).unwrap();
         assert_eq!(
             (r.status.as_str(), r.reason.as_str(), r.message.as_str()),
