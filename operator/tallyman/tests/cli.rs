@@ -118,3 +118,98 @@ fn crdgen_prints_all_crds_and_writes_one_file_each() {
         }
     }
 }
+
+/// A worker or gateway stopped (SIGTERM, as Kubernetes stops a pod) while
+/// it still waits for NATS exits 0 and says so, not by the signal. The
+/// "broker" here accepts connections and never answers, as one that is
+/// still starting can.
+#[test]
+fn worker_and_gateway_stopped_while_connecting_exit_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nats = format!("nats://{}", silent.local_addr().unwrap());
+    let manifests = repo().join("examples/shipment-to-invoice");
+    let manifests = manifests.to_str().unwrap();
+    let commands: [&[&str]; 2] = [
+        &[
+            "worker",
+            "--nats",
+            &nats,
+            "--namespace",
+            "finance",
+            "--workflow",
+            "shipment-to-invoice",
+            "--manifests",
+            manifests,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[
+            "gateway",
+            "--nats",
+            &nats,
+            "--namespace",
+            "finance",
+            "--manifests",
+            manifests,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+    ];
+    for args in commands {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tallyman"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("tallyman runs");
+        let (lines, said) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let _ = lines.send(line);
+            }
+        });
+        let mut log = Vec::new();
+        while !log
+            .iter()
+            .any(|l: &String| l.contains("connecting to NATS"))
+        {
+            match said.recv_timeout(Duration::from_secs(20)) {
+                Ok(line) => log.push(line),
+                Err(e) => panic!("{}: never tried NATS ({e}): {log:#?}", args[0]),
+            }
+        }
+        let sent = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            // The client gives up on a silent server after 5 s by itself.
+            assert!(
+                start.elapsed() < Duration::from_secs(3),
+                "{}: still running 3 s after SIGTERM",
+                args[0]
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        log.extend(said.try_iter());
+        assert_eq!(status.code(), Some(0), "{}: {status}: {log:#?}", args[0]);
+        assert!(
+            log.iter().any(|l| l.contains("stopped while starting")),
+            "{}: {log:#?}",
+            args[0]
+        );
+    }
+}

@@ -82,17 +82,18 @@ fn load(args: &Args) -> anyhow::Result<Routes> {
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
-    let routes = load(&args)?;
-    if routes.is_empty() {
-        tracing::warn!(
-            namespace = %args.namespace,
-            "no webhook Connector in this namespace yet; every request is answered 404"
-        );
-    }
-    let client = args
-        .nats_auth
-        .connect(&args.nats, format!("tallyman-gateway/{}", args.namespace))
-        .await?;
+    // Listened for from the start: a pod stopped while it still waits for
+    // NATS exits cleanly, not by the signal.
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let connected = tokio::select! {
+        biased;
+        () = &mut shutdown => None,
+        connected = connect(&args) => Some(connected?),
+    };
+    let Some((routes, client)) = connected else {
+        tracing::info!("stopped while starting; nothing was in flight");
+        return Ok(ExitCode::SUCCESS);
+    };
     let metrics = Arc::new(Metrics::new());
     let ready = Readiness::new();
     let (stop, stopped) = watch::channel(false);
@@ -121,8 +122,6 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("failed to install the SIGHUP handler")?;
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         #[cfg(unix)]
         let hup = hangup.recv();
@@ -162,4 +161,21 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         .context("the gateway server failed")?;
     let _ = telemetry.await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The webhooks of the manifests, and the NATS connection they publish to.
+async fn connect(args: &Args) -> anyhow::Result<(Routes, async_nats::Client)> {
+    let routes = load(args)?;
+    if routes.is_empty() {
+        tracing::warn!(
+            namespace = %args.namespace,
+            "no webhook Connector in this namespace yet; every request is answered 404"
+        );
+    }
+    tracing::info!(url = %args.nats, "connecting to NATS");
+    let client = args
+        .nats_auth
+        .connect(&args.nats, format!("tallyman-gateway/{}", args.namespace))
+        .await?;
+    Ok((routes, client))
 }

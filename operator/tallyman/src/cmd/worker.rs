@@ -95,6 +95,38 @@ pub fn parse_urls(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> 
 }
 
 async fn serve(args: Args) -> anyhow::Result<ExitCode> {
+    // Listened for from the start: a pod stopped while it still waits for
+    // NATS or JetStream exits cleanly, not by the signal.
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let ready = Readiness::new();
+    let (stop, stopped) = watch::channel(false);
+    let started = tokio::select! {
+        biased;
+        () = &mut shutdown => None,
+        started = start(args, ready.clone(), stopped.clone()) => Some(started?),
+    };
+    let Some((worker, http)) = started else {
+        tracing::info!("stopped while starting; nothing was in flight");
+        return Ok(ExitCode::SUCCESS);
+    };
+    ready.set_ready(true);
+    let task = tokio::spawn(worker.run(stopped));
+    shutdown.await;
+    tracing::info!("shutting down: finishing the messages in flight");
+    ready.set_ready(false);
+    let _ = stop.send(true);
+    task.await??;
+    let _ = http.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Everything before the worker takes messages: the definition, the
+/// connections, the streams and the telemetry server (stopped by `stopped`).
+async fn start(
+    args: Args,
+    ready: Readiness,
+    stopped: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<Worker>, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let (definition, secrets): (Definition, Box<dyn SecretSource>) =
         match (&args.definition, &args.manifests) {
             (Some(file), _) => {
@@ -128,6 +160,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         };
     let urls = parse_urls(&args.connector_urls)?;
     let caller = RestCaller::new(&definition, secrets.as_ref(), &urls)?;
+    tracing::info!(url = %args.nats, "connecting to NATS");
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
         clients.push(
@@ -143,9 +176,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     let metrics = Arc::new(Metrics::new());
-    let ready = Readiness::new();
-    let (stop, stopped) = watch::channel(false);
-    let mut http_stop = stopped.clone();
+    let mut http_stop = stopped;
     let (addr, http) =
         tallyman_telemetry::serve(args.listen, metrics.clone(), ready.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;
@@ -174,15 +205,7 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         instance_cache_bytes: args.instance_cache_mib.saturating_mul(1 << 20),
     })
     .await?;
-    ready.set_ready(true);
-    let task = tokio::spawn(worker.run(stopped));
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing the messages in flight");
-    ready.set_ready(false);
-    let _ = stop.send(true);
-    task.await??;
-    let _ = http.await;
-    Ok(ExitCode::SUCCESS)
+    Ok((worker, http))
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C (a terminal).
