@@ -17,6 +17,7 @@ pub mod counts;
 pub mod gateway;
 pub mod held;
 pub mod names;
+pub mod notices;
 mod runtime;
 pub mod setup;
 

@@ -119,6 +119,8 @@ pub struct Worker {
     flushed: tokio::sync::Mutex<Counts>,
     /// In a cluster: the Workflow whose `status.instances` the counters go to.
     workflows: Option<kube::Api<tallyman_api::v1alpha1::Workflow>>,
+    /// In a cluster: Events on that Workflow for failures SREs should see.
+    notices: Option<Arc<crate::notices::Notices>>,
     pub stats: Arc<Stats>,
     metrics: Arc<Metrics>,
     labels: WorkflowLabels,
@@ -244,14 +246,20 @@ impl Worker {
         let current = Arc::new(compiled);
         let mut revisions = HashMap::new();
         revisions.insert(current.revision.clone(), current.clone());
-        let (cases, workflows): (Arc<dyn CaseStore>, _) = match config.cases {
+        let (cases, workflows, notices): (Arc<dyn CaseStore>, _, _) = match config.cases {
             CaseBackend::JetStream => (
                 Arc::new(KvCases::new(handles.cases.clone(), &names.namespace)),
+                None,
                 None,
             ),
             CaseBackend::Kubernetes(client) => (
                 Arc::new(KubeCases::new(client.clone(), &names.namespace)),
-                Some(kube::Api::namespaced(client, &names.namespace)),
+                Some(kube::Api::namespaced(client.clone(), &names.namespace)),
+                Some(Arc::new(crate::notices::Notices::new(
+                    client,
+                    &names.namespace,
+                    &names.workflow,
+                ))),
             ),
         };
         Ok(Arc::new(Self {
@@ -268,6 +276,7 @@ impl Worker {
             max_in_flight: config.max_in_flight.max(1),
             flushed: tokio::sync::Mutex::new(Counts::default()),
             workflows,
+            notices,
             stats: Arc::new(Stats::default()),
             labels: WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow),
             metrics: config.metrics,
@@ -615,6 +624,9 @@ impl Worker {
     /// and is acknowledged, so it never blocks the consumer.
     async fn poison(&self, msg: &jetstream::Message, reason: &str) {
         warn!(reason, "dead-lettering a message");
+        if let Some(notices) = &self.notices {
+            notices.send(vec![crate::notices::poison(&self.names.dlq_subject())]);
+        }
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -1130,8 +1142,16 @@ impl Worker {
                 _ => {}
             }
         }
-        if inst.sla_breached && !before.sla_breached {
+        let sla_missed = inst.sla_breached && !before.sla_breached;
+        if sla_missed {
             w.sla_breaches.get_or_create(&self.labels).inc();
+        }
+        if let Some(notices) = &self.notices {
+            notices.send(crate::notices::notices(
+                &inst.outbox,
+                sla_missed,
+                &self.names.dlq_subject(),
+            ));
         }
     }
 

@@ -31,6 +31,20 @@ async fn append(cases: &Api<ExceptionCase>, name: &str, decision: serde_json::Va
         .unwrap();
 }
 
+async fn eventually<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(t) = found() {
+            return t;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn eventually_case(
     cases: &Api<ExceptionCase>,
     what: &str,
@@ -73,7 +87,7 @@ async fn a_case_decided_in_the_cluster_resumes_its_instance() {
     .await;
     let cases: Api<ExceptionCase> = Api::namespaced(kube.client(), NS);
     // The Workflow whose status.instances the worker keeps.
-    kube.seed(
+    let workflow = kube.seed(
         Key::new(
             "tallyman.dev/v1alpha1",
             "workflows",
@@ -112,6 +126,46 @@ async fn a_case_decided_in_the_cluster_resumes_its_instance() {
         0,
         "nothing is invoiced before a decision"
     );
+
+    // kubectl describe workflow tells of it, and of a message no worker can
+    // read, by Events that name the Workflow by its uid.
+    js.publish(
+        format!("tallyman.{NS}.events.order.created"),
+        "not an event".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let uid = workflow["metadata"]["uid"].as_str().unwrap().to_string();
+    for (reason, action, kind) in [
+        ("ExceptionOpened", "QuantityMismatch", "Normal"),
+        ("PoisonMessage", "Consume", "Warning"),
+    ] {
+        let event = eventually(&format!("a {reason} Event"), || {
+            kube.objects("events.k8s.io/v1", "events", NS)
+                .into_iter()
+                .find(|e| e["reason"] == reason)
+        })
+        .await;
+        assert_eq!(event["action"], action, "{event}");
+        assert_eq!(event["type"], kind, "{event}");
+        assert_eq!(event["reportingController"], "tallyman-worker", "{event}");
+        let regarding = &event["regarding"];
+        assert_eq!(
+            (
+                regarding["kind"].as_str(),
+                regarding["name"].as_str(),
+                regarding["uid"].as_str()
+            ),
+            (
+                Some("Workflow"),
+                Some("shipment-to-invoice"),
+                Some(uid.as_str())
+            ),
+            "{event}"
+        );
+    }
 
     // The initiator's own approval, as if no admission policy stopped it:
     // it does not count, and the status says why.

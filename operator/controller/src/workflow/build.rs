@@ -118,6 +118,11 @@ pub fn build(
                 resource_names: Some(vec![wf.name_any()]),
                 ..rule(&[tallyman_api::GROUP], &["workflows/status"], &["patch"])
             },
+            // Its uid, which its Events name so `kubectl describe` finds them.
+            PolicyRule {
+                resource_names: Some(vec![wf.name_any()]),
+                ..rule(&[tallyman_api::GROUP], &["workflows"], &["get"])
+            },
         ]),
     };
     let role_binding = RoleBinding {
@@ -473,7 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn the_role_grants_only_cases_events_and_its_own_status() {
+    fn the_role_grants_only_cases_events_and_its_own_workflow() {
         let (_, _, c) = built("inventory-adjustment");
         let rules = c.role.rules.unwrap();
         let mut grants: Vec<(String, String)> = Vec::new();
@@ -492,17 +497,21 @@ mod tests {
                 .iter()
                 .all(|(res, v)| res.starts_with("exceptioncases")
                     || res == "events" && (v == "create" || v == "patch")
-                    || res == "workflows/status" && v == "patch")
+                    || res == "workflows/status" && v == "patch"
+                    || res == "workflows" && v == "get")
         );
-        // Its own Workflow's status, no other.
-        let status = rules
-            .iter()
-            .find(|r| r.resources.as_ref().unwrap() == &["workflows/status"])
-            .unwrap();
-        assert_eq!(
-            status.resource_names.as_deref(),
-            Some(&["inventory-adjustment".to_string()][..])
-        );
+        // Its own Workflow and its status, no other.
+        for resource in ["workflows/status", "workflows"] {
+            let own = rules
+                .iter()
+                .find(|r| r.resources.as_ref().unwrap() == &[resource])
+                .unwrap();
+            assert_eq!(
+                own.resource_names.as_deref(),
+                Some(&["inventory-adjustment".to_string()][..]),
+                "{resource}"
+            );
+        }
         assert!(!grants.iter().any(|(_, v)| v == "delete" || v == "*"));
     }
 

@@ -1,0 +1,292 @@
+//! Kubernetes Events on the Workflow for what its SREs should see in
+//! `kubectl describe workflow` without reading metrics or the dead-letter
+//! stream: a step that gave up, an exception case opened, an SLA missed, a
+//! message that cannot be processed. Only in a cluster (cases in
+//! Kubernetes); dev mode has its status page.
+//!
+//! ```text
+//! commit ─▶ notices(outbox, SLA newly missed) ─▶ Throttle: each (reason, action)
+//!                                                at most once a minute
+//!          ─▶ Recorder (a task; best effort) ─▶ events.k8s.io Event, regarding the Workflow
+//! ```
+//!
+//! An Event says *that* it happens, with a note that does not name one
+//! instance: the Recorder folds repeats of a (reason, action) into one
+//! Event's series, so the first note stands for all. How often is in the
+//! metrics (`tallyman_dead_letters_total`, `tallyman_exceptions_opened_total`,
+//! `tallyman_sla_breaches_total`); which instances is in the dead-letter
+//! stream and the ExceptionCases.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use tallyman_api::v1alpha1::Workflow;
+use tallyman_core::engine::Outbound;
+use tracing::warn;
+
+/// How often, at most, one kind of Event is published.
+pub const EVERY: Duration = Duration::from_secs(60);
+
+/// One Event to publish about the Workflow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    /// What happened to: the step, the case's reason, ….
+    pub action: String,
+    pub note: String,
+}
+
+/// What one commit's outbox (and an SLA missed by it) should tell the
+/// Workflow's readers. Pure.
+pub fn notices(outbox: &[Outbound], sla_missed: bool, dlq_subject: &str) -> Vec<Notice> {
+    let mut out = Vec::new();
+    for item in outbox {
+        match item {
+            Outbound::DeadLetter { step, .. } => out.push(Notice {
+                warning: true,
+                reason: "DeadLettered",
+                action: step.clone(),
+                note: format!(
+                    "step {step} gave up on an instance; it is on {dlq_subject}, with its ExceptionCase"
+                ),
+            }),
+            Outbound::OpenCase(req) => out.push(Notice {
+                // A failed call or a missed SLA is trouble; a variance for
+                // approval is the policy at work.
+                warning: matches!(req.reason.as_str(), "CallFailed" | "SlaBreached"),
+                reason: "ExceptionOpened",
+                action: req.reason.clone(),
+                note: format!(
+                    "an ExceptionCase for {} was opened; kubectl get exceptioncases lists those waiting",
+                    req.reason
+                ),
+            }),
+            _ => {}
+        }
+    }
+    if sla_missed {
+        out.push(Notice {
+            warning: true,
+            reason: "SlaBreached",
+            action: "Complete".into(),
+            note: "an instance did not complete within the Workflow's SLA".into(),
+        });
+    }
+    out
+}
+
+/// The notice for a message that can never be processed.
+pub fn poison(dlq_subject: &str) -> Notice {
+    Notice {
+        warning: true,
+        reason: "PoisonMessage",
+        action: "Consume".into(),
+        note: format!("a message that cannot be processed went to {dlq_subject}"),
+    }
+}
+
+/// Lets each (reason, action) through at most once per [`EVERY`].
+#[derive(Default)]
+pub struct Throttle {
+    last: HashMap<(&'static str, String), Instant>,
+}
+
+impl Throttle {
+    pub fn admit(&mut self, notice: &Notice, now: Instant) -> bool {
+        let key = (notice.reason, notice.action.clone());
+        match self.last.get(&key) {
+            Some(at) if now.duration_since(*at) < EVERY => false,
+            _ => {
+                self.last.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+/// Publishes [`Notice`]s as Events regarding one Workflow.
+pub struct Notices {
+    recorder: Recorder,
+    workflows: kube::Api<Workflow>,
+    namespace: String,
+    workflow: String,
+    throttle: Mutex<Throttle>,
+    /// The Workflow's uid once read: `kubectl describe` finds Events by it.
+    uid: tokio::sync::OnceCell<Option<String>>,
+}
+
+impl Notices {
+    pub fn new(client: kube::Client, namespace: &str, workflow: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tallyman-worker".into(),
+                instance: std::env::var("HOSTNAME").ok(),
+            },
+        );
+        Self {
+            recorder,
+            workflows: kube::Api::namespaced(client, namespace),
+            namespace: namespace.into(),
+            workflow: workflow.into(),
+            throttle: Mutex::new(Throttle::default()),
+            uid: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// Publishes what the throttle lets through, in a task of its own: a
+    /// slow or failing API server never holds up an instance.
+    pub fn send(self: &std::sync::Arc<Self>, notices: Vec<Notice>) {
+        let now = Instant::now();
+        let admitted: Vec<Notice> = {
+            let mut throttle = self.throttle.lock().expect("throttle lock");
+            notices
+                .into_iter()
+                .filter(|n| throttle.admit(n, now))
+                .collect()
+        };
+        if admitted.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let regarding = this.regarding().await;
+            for n in admitted {
+                let event = Event {
+                    type_: if n.warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: n.reason.into(),
+                    note: Some(n.note),
+                    action: n.action,
+                    secondary: None,
+                };
+                if let Err(e) = this.recorder.publish(&event, &regarding).await {
+                    warn!(error = %e, reason = %event.reason, "failed to publish an Event");
+                }
+            }
+        });
+    }
+
+    async fn regarding(&self) -> ObjectReference {
+        let uid = self
+            .uid
+            .get_or_init(|| async {
+                match self.workflows.get_metadata(&self.workflow).await {
+                    Ok(wf) => wf.metadata.uid,
+                    Err(e) => {
+                        // Still listed by `kubectl get events`, not by describe.
+                        warn!(error = %e, "failed to read the Workflow's uid for its Events");
+                        None
+                    }
+                }
+            })
+            .await;
+        ObjectReference {
+            api_version: Some(Workflow::api_version(&()).into()),
+            kind: Some(Workflow::kind(&()).into()),
+            name: Some(self.workflow.clone()),
+            namespace: Some(self.namespace.clone()),
+            uid: uid.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tallyman_core::engine::CaseRequest;
+
+    const DLQ: &str = "tallyman.finance.dlq.shipment-to-invoice";
+
+    fn case(reason: &str) -> Outbound {
+        Outbound::OpenCase(Box::new(CaseRequest {
+            name: "c".into(),
+            workflow: "shipment-to-invoice".into(),
+            key: "4711".into(),
+            revision: "r".into(),
+            reason: reason.into(),
+            facts: Default::default(),
+            initiator: String::new(),
+            policy: String::new(),
+            rule: String::new(),
+            required: tallyman_api::v1alpha1::Approvers {
+                groups: vec!["finance-controllers".into()],
+                count: 1,
+            },
+            exclude_initiator: false,
+            distinct_approvers: false,
+            deadline_ms: None,
+            escalate_to: None,
+            escalation_window_ms: None,
+            blocking: true,
+        }))
+    }
+
+    #[test]
+    fn a_commit_tells_of_dead_letters_cases_and_a_missed_sla() {
+        let outbox = vec![
+            Outbound::DeadLetter {
+                msg_id: "m".into(),
+                step: "invoice".into(),
+                reason: "gave up after 5 attempts: 503".into(),
+            },
+            case("CallFailed"),
+            case("QuantityMismatch"),
+            Outbound::Wake { due_ms: 1 },
+        ];
+        let got = notices(&outbox, true, DLQ);
+        let kinds: Vec<_> = got
+            .iter()
+            .map(|n| (n.warning, n.reason, n.action.as_str()))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (true, "DeadLettered", "invoice"),
+                (true, "ExceptionOpened", "CallFailed"),
+                (false, "ExceptionOpened", "QuantityMismatch"),
+                (true, "SlaBreached", "Complete"),
+            ]
+        );
+        // The note stands for every repeat: it names no instance, no error.
+        assert_eq!(
+            got[0].note,
+            format!("step invoice gave up on an instance; it is on {DLQ}, with its ExceptionCase")
+        );
+        assert!(notices(&[Outbound::Wake { due_ms: 1 }], false, DLQ).is_empty());
+    }
+
+    #[test]
+    fn each_kind_goes_out_at_most_once_a_minute() {
+        let mut t = Throttle::default();
+        let t0 = Instant::now();
+        let dead = notices(
+            &[Outbound::DeadLetter {
+                msg_id: "m".into(),
+                step: "invoice".into(),
+                reason: "r".into(),
+            }],
+            false,
+            DLQ,
+        )
+        .remove(0);
+        let other_step = Notice {
+            action: "order".into(),
+            ..dead.clone()
+        };
+        assert!(t.admit(&dead, t0));
+        assert!(!t.admit(&dead, t0 + Duration::from_secs(59)));
+        assert!(t.admit(&other_step, t0 + Duration::from_secs(59)));
+        assert!(t.admit(&poison(DLQ), t0 + Duration::from_secs(59)));
+        assert!(t.admit(&dead, t0 + EVERY));
+    }
+}
