@@ -204,6 +204,46 @@ async fn a_case_decided_in_the_cluster_resumes_its_instance() {
     assert_eq!(status.approvals, 1);
     assert!(status.resolved_at.is_some());
 
+    // kubectl describe exceptioncase tells its story: approved, then taken
+    // by the instance; the ignored decision changed no state and told nothing.
+    let case_uid = decided.metadata.uid.clone().unwrap();
+    let about_case = |reason: &'static str| {
+        let kube = &kube;
+        let name = name.clone();
+        let case_uid = case_uid.clone();
+        move || {
+            kube.objects("events.k8s.io/v1", "events", NS)
+                .into_iter()
+                .filter(|e| e["regarding"]["kind"] == "ExceptionCase")
+                .find(|e| {
+                    e["reason"] == reason
+                        && e["regarding"]["name"] == name.as_str()
+                        && e["regarding"]["uid"] == case_uid.as_str()
+                })
+        }
+    };
+    let approved = eventually("an Approved Event on the case", about_case("Approved")).await;
+    assert!(
+        approved["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("Approved by alice")),
+        "{approved}"
+    );
+    assert_eq!(approved["type"], "Normal", "{approved}");
+    let resumed = eventually("a Resumed Event on the case", about_case("Resumed")).await;
+    assert!(
+        resumed["note"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("instance 4800 of shipment-to-invoice took the outcome")),
+        "{resumed}"
+    );
+    let on_case = kube
+        .objects("events.k8s.io/v1", "events", NS)
+        .into_iter()
+        .filter(|e| e["regarding"]["kind"] == "ExceptionCase")
+        .count();
+    assert_eq!(on_case, 2, "one Event per change of the case");
+
     wait_for("the invoice", Duration::from_secs(20), || {
         erp.invoice_count() == 1
     })

@@ -12,14 +12,20 @@
 //! Status writes carry the resourceVersion they were computed from, so two
 //! replicas settling the same change cannot overwrite each other: the loser
 //! gets a conflict and the next watch event shows it the winner's status.
+//!
+//! The replica whose status write wins also records the change as an Event
+//! on the ExceptionCase (`Approved`, `Rejected`, `Escalated`, `Expired`,
+//! `Resumed`), so `kubectl describe exceptioncase` tells its story.
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
+use kube::Resource;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
-use tallyman_api::v1alpha1::{CaseDecision, ExceptionCase, ExceptionCaseStatus};
+use tallyman_api::v1alpha1::{CaseDecision, CaseState, ExceptionCase, ExceptionCaseStatus};
 use tallyman_core::engine::CaseRequest;
 use tallyman_core::policy;
 
@@ -39,6 +45,7 @@ const ATTEMPTS: usize = 8;
 pub struct KubeCases {
     api: Api<ExceptionCase>,
     namespace: String,
+    recorder: Recorder,
 }
 
 fn store(what: &str, e: kube::Error) -> Error {
@@ -51,10 +58,34 @@ fn is_conflict(e: &kube::Error) -> bool {
 
 impl KubeCases {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "tallyman-worker".into(),
+                instance: std::env::var("HOSTNAME").ok(),
+            },
+        );
         Self {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
+            recorder,
         }
+    }
+
+    /// Records the change from `before` to the `written` case as an Event
+    /// on it, in a task of its own (best effort: a failure is logged).
+    fn tell(&self, before: &CaseRecord, written: &ExceptionCase) {
+        let after = written.status.clone().unwrap_or_default();
+        let Some(event) = transition(&before.status, &after) else {
+            return;
+        };
+        let recorder = self.recorder.clone();
+        let regarding = written.object_ref(&());
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &regarding).await {
+                tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
+            }
+        });
     }
 
     /// The ExceptionCase a new case becomes.
@@ -89,10 +120,7 @@ impl KubeCases {
     pub fn to_record(obj: &ExceptionCase) -> CaseRecord {
         let annotations = obj.metadata.annotations.clone().unwrap_or_default();
         let status = obj.status.clone().unwrap_or_default();
-        let resumed = status
-            .conditions
-            .iter()
-            .any(|c| c.type_ == RESUMED && c.status == "True");
+        let resumed = resumed(&status);
         CaseRecord {
             name: obj.metadata.name.clone().unwrap_or_default(),
             namespace: obj.metadata.namespace.clone().unwrap_or_default(),
@@ -145,11 +173,15 @@ impl KubeCases {
             else {
                 return Ok(None);
             };
-            let Some(status) = change(&Self::to_record(&obj)) else {
+            let before = Self::to_record(&obj);
+            let Some(status) = change(&before) else {
                 return Ok(None);
             };
             match self.write_status(obj, status).await {
-                Ok(written) => return Ok(Some(Self::to_record(&written))),
+                Ok(written) => {
+                    self.tell(&before, &written);
+                    return Ok(Some(Self::to_record(&written)));
+                }
                 Err(e) if is_conflict(&e) => continue,
                 Err(e) => return Err(store(&format!("update case {name}"), e)),
             }
@@ -331,9 +363,9 @@ impl KubeCases {
                     }
                     if let Some(status) = settle(&record, Utc::now()) {
                         match this.write_status(obj, status).await {
+                            Ok(written) => this.tell(&record, &written),
                             // A conflict: another replica wrote first; its
                             // write is the next change seen here.
-                            Ok(_) => {}
                             Err(e) if is_conflict(&e) => {}
                             Err(e) => tracing::warn!(
                                 case = %record.name,
@@ -347,6 +379,45 @@ impl KubeCases {
             })
             .boxed()
     }
+}
+
+/// Whether the instance has taken the case's outcome.
+fn resumed(status: &ExceptionCaseStatus) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == RESUMED && c.status == "True")
+}
+
+/// The Event a case's status change makes, if any: a new state, or the
+/// instance having taken the outcome. Pure.
+pub fn transition(before: &ExceptionCaseStatus, after: &ExceptionCaseStatus) -> Option<Event> {
+    let message = after.message.clone();
+    let (type_, reason, action, note) = if after.state != before.state {
+        match after.state {
+            CaseState::Approved => (EventType::Normal, "Approved", "Decide", message),
+            CaseState::Rejected => (EventType::Normal, "Rejected", "Decide", message),
+            CaseState::Escalated => (EventType::Warning, "Escalated", "Expire", message),
+            CaseState::Expired => (EventType::Warning, "Expired", "Expire", message),
+            CaseState::Open => return None,
+        }
+    } else if resumed(after) && !resumed(before) {
+        let note = after
+            .conditions
+            .iter()
+            .find(|c| c.type_ == RESUMED)
+            .map(|c| c.message.clone());
+        (EventType::Normal, "Resumed", "Resume", note)
+    } else {
+        return None;
+    };
+    Some(Event {
+        type_,
+        reason: reason.into(),
+        note,
+        action: action.into(),
+        secondary: None,
+    })
 }
 
 /// The status the recorded decisions (and the clock) give an open case, or
@@ -446,5 +517,88 @@ impl CaseStore for KubeCases {
 
     fn watch(&self) -> BoxFuture<'_, Result<BoxStream<'static, CaseRecord>, Error>> {
         Box::pin(async move { Ok(self.records()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(state: CaseState, message: &str) -> ExceptionCaseStatus {
+        ExceptionCaseStatus {
+            state,
+            message: Some(message.into()),
+            ..Default::default()
+        }
+    }
+
+    fn told(
+        before: &ExceptionCaseStatus,
+        after: &ExceptionCaseStatus,
+    ) -> Option<(String, String, String)> {
+        transition(before, after).map(|e| {
+            let kind = match e.type_ {
+                EventType::Normal => "Normal",
+                EventType::Warning => "Warning",
+            };
+            (kind.to_string(), e.reason, e.note.unwrap_or_default())
+        })
+    }
+
+    #[test]
+    fn each_outcome_and_the_resumption_is_told_once() {
+        let open = ExceptionCaseStatus::default();
+        let approved = status(CaseState::Approved, "Approved by alice");
+        assert_eq!(
+            told(&open, &approved),
+            Some((
+                "Normal".into(),
+                "Approved".into(),
+                "Approved by alice".into()
+            ))
+        );
+        let escalated = status(
+            CaseState::Escalated,
+            "no decision within the deadline; escalated to cfo",
+        );
+        assert_eq!(told(&open, &escalated).unwrap().1, "Escalated");
+        assert_eq!(told(&open, &escalated).unwrap().0, "Warning");
+        assert_eq!(
+            told(&escalated, &status(CaseState::Expired, "expired"))
+                .unwrap()
+                .1,
+            "Expired"
+        );
+        assert_eq!(
+            told(&open, &status(CaseState::Rejected, "Rejected by bob"))
+                .unwrap()
+                .1,
+            "Rejected"
+        );
+        // A status written again, or a decision that did not count: nothing.
+        assert_eq!(told(&approved, &approved), None);
+        assert_eq!(
+            told(&open, &status(CaseState::Open, "decisions not counted: x")),
+            None
+        );
+
+        let mut taken = approved.clone();
+        taken.conditions.push(Condition {
+            type_: RESUMED.into(),
+            status: "True".into(),
+            reason: "InstanceResumed".into(),
+            message: "instance 4800 of shipment-to-invoice took the outcome Approved".into(),
+            last_transition_time: policy::to_time(Utc::now()),
+            observed_generation: None,
+        });
+        assert_eq!(
+            told(&approved, &taken),
+            Some((
+                "Normal".into(),
+                "Resumed".into(),
+                "instance 4800 of shipment-to-invoice took the outcome Approved".into()
+            ))
+        );
+        assert_eq!(told(&taken, &taken), None);
     }
 }
