@@ -13,9 +13,10 @@
 //! An Event says *that* it happens, with a note that does not name one
 //! instance: the Recorder folds repeats of a (reason, action) into one
 //! Event's series, so the first note stands for all. How often is in the
-//! metrics (`tallyman_dead_letters_total`, `tallyman_exceptions_opened_total`,
-//! `tallyman_sla_breaches_total`); which instances is in the dead-letter
-//! stream and the ExceptionCases.
+//! metrics (`tallyman_worker_dead_letters_total`,
+//! `tallyman_worker_exceptions_opened_total`,
+//! `tallyman_worker_sla_breaches_total`); which instances is in the
+//! dead-letter stream and the ExceptionCases.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -109,6 +110,29 @@ impl Throttle {
     }
 }
 
+/// The Recorder of a worker's Events: reported by `tallyman-worker`, from
+/// its pod (`HOSTNAME`).
+pub fn recorder(client: kube::Client) -> Recorder {
+    Recorder::new(
+        client,
+        Reporter {
+            controller: "tallyman-worker".into(),
+            instance: std::env::var("HOSTNAME").ok(),
+        },
+    )
+}
+
+/// Publishes `event` in a task of its own: best effort, a failure is
+/// logged, and a slow or failing API server holds up nothing.
+pub fn publish_later(recorder: &Recorder, event: Event, regarding: ObjectReference) {
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&event, &regarding).await {
+            warn!(error = %e, reason = %event.reason, "failed to publish an Event");
+        }
+    });
+}
+
 /// Publishes [`Notice`]s as Events regarding one Workflow.
 pub struct Notices {
     recorder: Recorder,
@@ -117,20 +141,13 @@ pub struct Notices {
     workflow: String,
     throttle: Mutex<Throttle>,
     /// The Workflow's uid once read: `kubectl describe` finds Events by it.
-    uid: tokio::sync::OnceCell<Option<String>>,
+    uid: tokio::sync::OnceCell<String>,
 }
 
 impl Notices {
     pub fn new(client: kube::Client, namespace: &str, workflow: &str) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "tallyman-worker".into(),
-                instance: std::env::var("HOSTNAME").ok(),
-            },
-        );
         Self {
-            recorder,
+            recorder: recorder(client.clone()),
             workflows: kube::Api::namespaced(client, namespace),
             namespace: namespace.into(),
             workflow: workflow.into(),
@@ -168,33 +185,37 @@ impl Notices {
                     action: n.action,
                     secondary: None,
                 };
-                if let Err(e) = this.recorder.publish(&event, &regarding).await {
-                    warn!(error = %e, reason = %event.reason, "failed to publish an Event");
-                }
+                publish_later(&this.recorder, event, regarding.clone());
             }
         });
     }
 
     async fn regarding(&self) -> ObjectReference {
-        let uid = self
+        // Read until it is known (a failure is tried again with the next
+        // Event); without it the Event is still listed by `kubectl get
+        // events`, though not by describe.
+        let uid = match self
             .uid
-            .get_or_init(|| async {
-                match self.workflows.get_metadata(&self.workflow).await {
-                    Ok(wf) => wf.metadata.uid,
-                    Err(e) => {
-                        // Still listed by `kubectl get events`, not by describe.
-                        warn!(error = %e, "failed to read the Workflow's uid for its Events");
-                        None
-                    }
-                }
+            .get_or_try_init(|| async {
+                let meta = self.workflows.get_metadata(&self.workflow).await?;
+                meta.metadata
+                    .uid
+                    .ok_or_else(|| kube::Error::Service("the Workflow has no uid".into()))
             })
-            .await;
+            .await
+        {
+            Ok(uid) => Some(uid.clone()),
+            Err(e) => {
+                warn!(error = %e, "failed to read the Workflow's uid for its Events");
+                None
+            }
+        };
         ObjectReference {
             api_version: Some(Workflow::api_version(&()).into()),
             kind: Some(Workflow::kind(&()).into()),
             name: Some(self.workflow.clone()),
             namespace: Some(self.namespace.clone()),
-            uid: uid.clone(),
+            uid,
             ..Default::default()
         }
     }

@@ -23,7 +23,7 @@ use futures_util::stream::BoxStream;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
 use kube::Resource;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::{WatchStreamExt, watcher};
 use tallyman_api::v1alpha1::{CaseDecision, CaseState, ExceptionCase, ExceptionCaseStatus};
 use tallyman_core::engine::CaseRequest;
@@ -58,17 +58,10 @@ fn is_conflict(e: &kube::Error) -> bool {
 
 impl KubeCases {
     pub fn new(client: kube::Client, namespace: &str) -> Self {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "tallyman-worker".into(),
-                instance: std::env::var("HOSTNAME").ok(),
-            },
-        );
         Self {
+            recorder: crate::notices::recorder(client.clone()),
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_string(),
-            recorder,
         }
     }
 
@@ -79,13 +72,7 @@ impl KubeCases {
         let Some(event) = transition(&before.status, &after) else {
             return;
         };
-        let recorder = self.recorder.clone();
-        let regarding = written.object_ref(&());
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&event, &regarding).await {
-                tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
-            }
-        });
+        crate::notices::publish_later(&self.recorder, event, written.object_ref(&()));
     }
 
     /// The ExceptionCase a new case becomes.
