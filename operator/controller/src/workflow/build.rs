@@ -198,6 +198,9 @@ pub fn build(
         ..Default::default()
     };
     // Any replica can advance any instance, so one pod at a time may go.
+    // A pod that is not ready (crash-looping, waiting for a Secret) does no
+    // work: evicting it disrupts nothing, and with the default policy a
+    // Workflow whose pods all fail would block every node drain.
     let pdb = PodDisruptionBudget {
         metadata: metadata(wf, worker)?,
         spec: Some(PodDisruptionBudgetSpec {
@@ -206,6 +209,7 @@ pub fn build(
                 match_labels: Some(selector),
                 ..Default::default()
             }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
             ..Default::default()
         }),
         ..Default::default()
@@ -450,6 +454,23 @@ mod tests {
             vec!["ALL".to_string()]
         );
         assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+    }
+
+    #[test]
+    fn the_budget_lets_one_worker_go_and_any_broken_one() {
+        let (_, _, c) = built("shipment-to-invoice");
+        let spec = c.pdb.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        // Pods that are not ready may always be evicted: a Workflow whose
+        // workers all crash-loop must not block node drains.
+        assert_eq!(
+            spec.unhealthy_pod_eviction_policy.as_deref(),
+            Some("AlwaysAllow")
+        );
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            c.deployment.spec.unwrap().selector.match_labels
+        );
     }
 
     #[test]
