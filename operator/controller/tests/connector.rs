@@ -48,6 +48,9 @@ async fn webhook_connectors_get_one_gateway_and_their_urls() {
     );
     assert!(child(&env, "v1", "services", gateway::NAME).is_some());
     assert!(child(&env, "v1", "configmaps", gateway::NAME).is_some());
+    let pdb = child(&env, "policy/v1", "poddisruptionbudgets", gateway::NAME)
+        .expect("the gateway's disruption budget");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     let wms: Connector = current(&env, "wms").unwrap();
     let status = wms.status.unwrap();
     assert_eq!(
@@ -106,6 +109,7 @@ async fn the_gateway_goes_when_no_webhook_is_left() {
     }
     // The fake collects owned objects like the garbage collector would.
     assert!(child(&env, "apps/v1", "deployments", gateway::NAME).is_none());
+    assert!(child(&env, "policy/v1", "poddisruptionbudgets", gateway::NAME).is_none());
     // A Connector without a webhook keeps no gateway either.
     reconcile(&env, "erp").await;
     assert!(child(&env, "v1", "services", gateway::NAME).is_none());

@@ -1,10 +1,12 @@
-//! The gateway of a namespace: one Deployment and Service serving every
+//! The gateway of a namespace: one Deployment and Service (and a disruption
+//! budget) serving every
 //! valid webhook Connector of the namespace. Pure.
 //!
 //! ```text
 //! Connectors (webhook) ──owners──▶ ConfigMap tallyman-gateway   connectors.yaml (the Connectors as manifests)
 //!                      ──owners──▶ Deployment tallyman-gateway  `tallyman gateway`, Secrets mounted
 //!                      ──owners──▶ Service tallyman-gateway     :80 → :8080
+//!                      ──owners──▶ PodDisruptionBudget tallyman-gateway  one pod at a time
 //! ```
 //!
 //! Every webhook Connector is an owner (none the controller), so the
@@ -17,6 +19,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerPort, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -47,6 +50,7 @@ pub struct Gateway {
     pub config_map: ConfigMap,
     pub deployment: Deployment,
     pub service: Service,
+    pub pdb: PodDisruptionBudget,
 }
 
 /// The gateway of `namespace` for `connectors` (the valid webhook
@@ -149,6 +153,21 @@ pub fn build(
         }),
         ..Default::default()
     };
+    // A node drain takes one gateway pod at a time, so webhooks are always
+    // answered; a pod that is not ready serves nothing and may always go.
+    let pdb = PodDisruptionBudget {
+        metadata: metadata.clone(),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector.clone()),
+                ..Default::default()
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let service = Service {
         metadata,
         spec: Some(ServiceSpec {
@@ -168,6 +187,7 @@ pub fn build(
         config_map,
         deployment,
         service,
+        pdb,
     }))
 }
 
@@ -205,6 +225,27 @@ mod tests {
             .unwrap();
         let pod = g.deployment.spec.unwrap().template.spec.unwrap();
         pods::secured::assert_connects_with_mounted_files(&pod);
+    }
+
+    #[test]
+    fn a_drain_takes_one_gateway_pod_at_a_time() {
+        let connectors = webhook_connectors();
+        let refs: Vec<&Connector> = connectors.iter().collect();
+        let g = build("finance", &refs, &settings(), "h0").unwrap().unwrap();
+        let spec = g.pdb.spec.unwrap();
+        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+        assert_eq!(
+            spec.unhealthy_pod_eviction_policy.as_deref(),
+            Some("AlwaysAllow")
+        );
+        assert_eq!(
+            spec.selector.unwrap().match_labels,
+            g.deployment.spec.unwrap().selector.match_labels
+        );
+        assert_eq!(
+            g.pdb.metadata.owner_references.map(|o| o.len()),
+            Some(connectors.len())
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::Action;
@@ -73,6 +74,7 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
     let config_maps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let services = Api::<Service>::namespaced(client.clone(), &ns);
+    let budgets = Api::<PodDisruptionBudget>::namespaced(client.clone(), &ns);
     let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, served.iter().map(|c| &c.spec));
     let secrets = crate::pods::secrets_seen(client, &ns, &secrets).await?;
     let pods = match gateway::build(&ns, &served, &ctx.settings, &secrets.hash)? {
@@ -80,11 +82,13 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
             meta::apply(&config_maps, &g.config_map).await?;
             let (live, _) = meta::apply(&deployments, &g.deployment).await?;
             meta::apply(&services, &g.service).await?;
+            meta::apply(&budgets, &g.pdb).await?;
             Some(status::GatewayPods::of(&live))
         }
         None => {
             // No webhook left to serve: the gateway goes (pruned by name; it
             // is only ever created under this name by this controller).
+            meta::delete_if_present(&budgets, gateway::NAME).await?;
             meta::delete_if_present(&services, gateway::NAME).await?;
             meta::delete_if_present(&deployments, gateway::NAME).await?;
             meta::delete_if_present(&config_maps, gateway::NAME).await?;
