@@ -122,9 +122,27 @@ pub fn recorder(client: kube::Client) -> Recorder {
     )
 }
 
+/// The longest note the API server takes (events.k8s.io/v1: 1 kB).
+pub const NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`NOTE_MAX`] bytes at a character boundary, with an
+/// ellipsis when cut: a longer one (a case's message listing many
+/// decisions) would have the whole Event refused.
+pub fn fit_note(note: String) -> String {
+    if note.len() <= NOTE_MAX {
+        return note;
+    }
+    let mut end = NOTE_MAX - '…'.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &note[..end])
+}
+
 /// Publishes `event` in a task of its own: best effort, a failure is
 /// logged, and a slow or failing API server holds up nothing.
-pub fn publish_later(recorder: &Recorder, event: Event, regarding: ObjectReference) {
+pub fn publish_later(recorder: &Recorder, mut event: Event, regarding: ObjectReference) {
+    event.note = event.note.map(fit_note);
     let recorder = recorder.clone();
     tokio::spawn(async move {
         if let Err(e) = recorder.publish(&event, &regarding).await {
@@ -284,6 +302,19 @@ mod tests {
             format!("step invoice gave up on an instance; it is on {DLQ}, with its ExceptionCase")
         );
         assert!(notices(&[Outbound::Wake { due_ms: 1 }], false, DLQ).is_empty());
+    }
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_api_server_takes() {
+        let short = "Approved by alice".to_string();
+        assert_eq!(fit_note(short.clone()), short);
+        // Multi-byte characters across the cut: still valid UTF-8.
+        let long = "décision ".repeat(200);
+        let cut = fit_note(long.clone());
+        assert!(cut.len() <= NOTE_MAX, "{}", cut.len());
+        assert!(cut.len() > NOTE_MAX - 8);
+        assert!(cut.ends_with('…'));
+        assert!(long.starts_with(cut.trim_end_matches('…')));
     }
 
     #[test]
