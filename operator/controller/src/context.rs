@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, Recorder, Reporter};
 use kube::{Client, Resource};
@@ -138,8 +139,14 @@ impl Context {
     /// Publish an Event about `obj`. A failure is logged, not returned: the
     /// reconcile itself went as it went.
     pub async fn publish<K: Resource<DynamicType = ()>>(&self, obj: &K, event: Event) {
-        let reference = obj.object_ref(&());
-        if let Err(e) = self.recorder.publish(&event, &reference).await {
+        self.publish_about(&obj.object_ref(&()), event).await;
+    }
+
+    /// [`Context::publish`] by reference. The note is cut to what the API
+    /// server takes (1 kB), or the whole Event would be refused.
+    pub async fn publish_about(&self, reference: &ObjectReference, mut event: Event) {
+        event.note = event.note.map(tallyman_worker::notices::fit_note);
+        if let Err(e) = self.recorder.publish(&event, reference).await {
             tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
         }
     }

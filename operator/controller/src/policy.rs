@@ -79,7 +79,7 @@ pub async fn reconcile(p: Arc<ApprovalPolicy>, ctx: Arc<Context>) -> Result<Acti
                             EventType::Warning
                         },
                         reason: after.reason.clone(),
-                        note: Some(after.message.chars().take(1024).collect()),
+                        note: Some(after.message.clone()),
                         action: "Validate".into(),
                         secondary: None,
                     },

@@ -367,13 +367,11 @@ async fn report<K>(
             let event = Event {
                 type_: EventType::Warning,
                 reason: e.metric_label().into(),
-                note: Some(chain.chars().take(1024).collect()),
+                note: Some(chain),
                 action: "Reconcile".into(),
                 secondary: None,
             };
-            if let Err(e) = ctx.recorder.publish(&event, &reference).await {
-                tracing::warn!(error = %e, "failed to publish an Event");
-            }
+            ctx.publish_about(&reference, event).await;
         }
         Err(e) => tracing::warn!(controller, error = %error_chain(&e), "controller error"),
     }

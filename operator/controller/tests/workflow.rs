@@ -382,6 +382,50 @@ async fn an_invalid_spec_sets_the_condition_and_creates_nothing() {
     assert!(env.api.writes().is_empty(), "{:#?}", env.api.writes());
 }
 
+#[tokio::test]
+async fn a_long_condition_message_still_makes_an_event() {
+    // Forty broken checks: a Ready message of several kB, where the API
+    // server takes an Event's note of at most 1 kB.
+    let env = env().await;
+    let mut set = tallyman_controller::fixtures::example("shipment-to-invoice");
+    let check = set.workflows[0]
+        .spec
+        .steps
+        .iter()
+        .find(|s| s.check.is_some())
+        .unwrap()
+        .clone();
+    for i in 0..40 {
+        let mut broken = check.clone();
+        broken.name = format!("prüfung-{i}");
+        broken.check = Some("vars.lines.size() >".into());
+        set.workflows[0].spec.steps.push(broken);
+    }
+    for c in &set.connectors {
+        seed(&env, c);
+    }
+    for p in &set.policies {
+        seed(&env, p);
+    }
+    seed(&env, &set.workflows[0]);
+    settle(&env).await;
+    let wf: Workflow = current(&env, WF).unwrap();
+    let ready = conditions::get(&wf.status.unwrap().conditions, READY)
+        .unwrap()
+        .clone();
+    assert_eq!(ready.reason, "InvalidSpec");
+    assert!(ready.message.len() > 2048, "{}", ready.message.len());
+    let events = env.api.objects("events.k8s.io/v1", "events", NS);
+    let note = events
+        .iter()
+        .find(|e| e["reason"] == "InvalidSpec")
+        .and_then(|e| e["note"].as_str())
+        .expect("an InvalidSpec Event");
+    assert!(note.len() <= 1024, "{}", note.len());
+    assert!(note.ends_with('…'), "{note}");
+    assert!(ready.message.starts_with(note.trim_end_matches('…')));
+}
+
 fn fixtures_with_bad_correlate() -> tallyman_controller::fixtures::Example {
     let mut set = tallyman_controller::fixtures::example("shipment-to-invoice");
     set.workflows[0].spec.trigger.correlate = "event.data.orderId +".into();

@@ -130,7 +130,7 @@ async fn update_status(c: &Connector, ctx: &Context, status: ConnectorStatus) ->
                         EventType::Warning
                     },
                     reason: after.reason.clone(),
-                    note: Some(after.message.chars().take(1024).collect()),
+                    note: Some(after.message.clone()),
                     action: "Reconcile".into(),
                     secondary: None,
                 },

@@ -207,7 +207,7 @@ async fn update_status(wf: &Workflow, ctx: &Context, status: WorkflowStatus) -> 
             Event {
                 type_,
                 reason: after.reason.clone(),
-                note: Some(truncate(&after.message, 1024)),
+                note: Some(after.message.clone()),
                 action: "Reconcile".into(),
                 secondary: None,
             },
@@ -215,13 +215,6 @@ async fn update_status(wf: &Workflow, ctx: &Context, status: WorkflowStatus) -> 
         .await;
     }
     Ok(())
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
-    }
 }
 
 async fn cleanup(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
