@@ -1,7 +1,8 @@
 //! Kubernetes Events on the Workflow for what its SREs should see in
 //! `kubectl describe workflow` without reading metrics or the dead-letter
 //! stream: a step that gave up, an exception case opened, an SLA missed, a
-//! message that cannot be processed. Only in a cluster (cases in
+//! message that cannot be processed, an instance ended Failed. Only in a
+//! cluster (cases in
 //! Kubernetes); dev mode has its status page.
 //!
 //! ```text
@@ -42,9 +43,14 @@ pub struct Notice {
     pub note: String,
 }
 
-/// What one commit's outbox (and an SLA missed by it) should tell the
-/// Workflow's readers. Pure.
-pub fn notices(outbox: &[Outbound], sla_missed: bool, dlq_subject: &str) -> Vec<Notice> {
+/// What one commit should tell the Workflow's readers: its outbox, an SLA
+/// it missed, and the step at which it ended the instance `Failed`. Pure.
+pub fn notices(
+    outbox: &[Outbound],
+    sla_missed: bool,
+    failed_at: Option<&str>,
+    dlq_subject: &str,
+) -> Vec<Notice> {
     let mut out = Vec::new();
     for item in outbox {
         match item {
@@ -69,6 +75,19 @@ pub fn notices(outbox: &[Outbound], sla_missed: bool, dlq_subject: &str) -> Vec<
             }),
             _ => {}
         }
+    }
+    // A dead letter says more about why; otherwise the workflow itself
+    // ended the instance Failed (an await that timed out, a check that
+    // failed with `end: Failed`).
+    if let Some(step) = failed_at
+        && !out.iter().any(|n| n.reason == "DeadLettered")
+    {
+        out.push(Notice {
+            warning: true,
+            reason: "InstanceFailed",
+            action: step.to_string(),
+            note: format!("an instance ended Failed at step {step}"),
+        });
     }
     if sla_missed {
         out.push(Notice {
@@ -282,7 +301,7 @@ mod tests {
             case("QuantityMismatch"),
             Outbound::Wake { due_ms: 1 },
         ];
-        let got = notices(&outbox, true, DLQ);
+        let got = notices(&outbox, true, Some("invoice"), DLQ);
         let kinds: Vec<_> = got
             .iter()
             .map(|n| (n.warning, n.reason, n.action.as_str()))
@@ -301,7 +320,18 @@ mod tests {
             got[0].note,
             format!("step invoice gave up on an instance; it is on {DLQ}, with its ExceptionCase")
         );
-        assert!(notices(&[Outbound::Wake { due_ms: 1 }], false, DLQ).is_empty());
+        assert!(notices(&[Outbound::Wake { due_ms: 1 }], false, None, DLQ).is_empty());
+        // Ended Failed by the workflow itself: said as such, with the step.
+        let timed_out = notices(&[], false, Some("both-arrived"), DLQ);
+        assert_eq!(
+            timed_out,
+            [Notice {
+                warning: true,
+                reason: "InstanceFailed",
+                action: "both-arrived".into(),
+                note: "an instance ended Failed at step both-arrived".into(),
+            }]
+        );
     }
 
     #[test]
@@ -328,6 +358,7 @@ mod tests {
                 reason: "r".into(),
             }],
             false,
+            None,
             DLQ,
         )
         .remove(0);

@@ -1147,9 +1147,18 @@ impl Worker {
             w.sla_breaches.get_or_create(&self.labels).inc();
         }
         if let Some(notices) = &self.notices {
+            let failed_at = (before.running && inst.status == Status::Failed).then(|| {
+                self.revisions
+                    .lock()
+                    .expect("revisions lock")
+                    .get(&inst.revision)
+                    .and_then(|c| c.def.spec.steps.get(inst.step))
+                    .map_or_else(|| "end".to_string(), |s| s.name.clone())
+            });
             notices.send(crate::notices::notices(
                 &inst.outbox,
                 sla_missed,
+                failed_at.as_deref(),
                 &self.names.dlq_subject(),
             ));
         }

@@ -10,7 +10,9 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use support::*;
 use tallyman_api::v1alpha1::{CaseState, ExceptionCase};
+use tallyman_core::engine::Status;
 use tallyman_testing::erp::SimErp;
+use tallyman_testing::erp::{Order, OrderLine};
 use tallyman_testing::kubeapi::{FakeApi, Key};
 use tallyman_testing::nats::NatsServer;
 use tallyman_worker::CaseBackend;
@@ -274,5 +276,75 @@ async fn a_case_decided_in_the_cluster_resumes_its_instance() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    run.shutdown().await;
+}
+
+/// A Workflow that ends an instance Failed by its own route (a returned item
+/// that was never ordered) says so on the Workflow, with the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_the_workflow_fails_is_told_on_the_workflow() {
+    let env = env("returns-to-credit").await;
+    env.erp
+        .require_basic("svc-tallyman", "dummy-erp-sales-password-change-me");
+    env.erp.seed_order(Order {
+        order_id: "4711".into(),
+        customer_id: "C-1001".into(),
+        currency: "EUR".into(),
+        lines: vec![OrderLine::new("A-100", 2, "49.90")],
+    });
+    let kube = FakeApi::start().await;
+    let workflow = kube.seed(
+        Key::new(
+            "tallyman.dev/v1alpha1",
+            "workflows",
+            NS,
+            "returns-to-credit",
+        ),
+        json!({"apiVersion": "tallyman.dev/v1alpha1", "kind": "Workflow",
+               "metadata": {"name": "returns-to-credit", "namespace": NS},
+               "spec": {}}),
+    );
+    let run = start_with(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        CaseBackend::Kubernetes(kube.client()),
+    )
+    .await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish(
+        &js,
+        NS,
+        "return.received",
+        "r-9",
+        r#"{"rmaNumber":"RMA-9","orderId":"4711","customerId":"C-1001","receivedBy":"j.smith","lines":[{"sku":"Z-999","qty":1}]}"#,
+    )
+    .await;
+    publish(
+        &js,
+        NS,
+        "return.inspected",
+        "i-9",
+        r#"{"rmaNumber":"RMA-9","inspectedBy":"m.mueller","lines":[{"sku":"Z-999","qty":1,"grade":"A"}]}"#,
+    )
+    .await;
+    wait_status(&run, "RMA-9", Status::Failed).await;
+    let event = eventually("an InstanceFailed Event", || {
+        kube.objects("events.k8s.io/v1", "events", NS)
+            .into_iter()
+            .find(|e| e["reason"] == "InstanceFailed")
+    })
+    .await;
+    assert_eq!(event["action"], "on-order", "{event}");
+    assert_eq!(event["type"], "Warning", "{event}");
+    assert_eq!(
+        event["note"], "an instance ended Failed at step on-order",
+        "{event}"
+    );
+    assert_eq!(
+        event["regarding"]["uid"], workflow["metadata"]["uid"],
+        "{event}"
+    );
     run.shutdown().await;
 }
