@@ -8,6 +8,8 @@ use k8s_openapi::api::core::v1::{
     HTTPGetAction, PodSecurityContext, Probe, SeccompProfile, SecretVolumeSource, SecurityContext,
     Volume, VolumeMount,
 };
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tallyman_api::v1alpha1::ConnectorSpec;
 
@@ -285,6 +287,29 @@ pub fn container(name: &str, args: Vec<String>, settings: &Settings) -> Containe
         liveness_probe: Some(http_probe("/healthz")),
         readiness_probe: Some(http_probe("/readyz")),
         security_context: Some(container_security()),
+        ..Default::default()
+    }
+}
+
+/// The disruption budget of the pods `selector` picks: one at a time may
+/// go. A pod that is not ready (crash-looping, waiting for a Secret) does
+/// no work, so it may always go: with the default policy, pods that all
+/// fail would block every node drain.
+pub fn disruption_budget(
+    metadata: ObjectMeta,
+    selector: BTreeMap<String, String>,
+) -> PodDisruptionBudget {
+    PodDisruptionBudget {
+        metadata,
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector),
+                ..Default::default()
+            }),
+            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }

@@ -19,7 +19,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ContainerPort, PodSpec, PodTemplateSpec, Service, ServicePort, ServiceSpec,
 };
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
@@ -154,20 +154,8 @@ pub fn build(
         ..Default::default()
     };
     // A node drain takes one gateway pod at a time, so webhooks are always
-    // answered; a pod that is not ready serves nothing and may always go.
-    let pdb = PodDisruptionBudget {
-        metadata: metadata.clone(),
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector.clone()),
-                ..Default::default()
-            }),
-            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    // answered.
+    let pdb = pods::disruption_budget(metadata.clone(), selector.clone());
     let service = Service {
         metadata,
         spec: Some(ServiceSpec {

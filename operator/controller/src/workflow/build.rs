@@ -12,10 +12,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, PodSpec, PodTemplateSpec, ServiceAccount};
-use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use tallyman_api::v1alpha1::Workflow;
 use tallyman_core::engine::Definition;
@@ -198,22 +197,7 @@ pub fn build(
         ..Default::default()
     };
     // Any replica can advance any instance, so one pod at a time may go.
-    // A pod that is not ready (crash-looping, waiting for a Secret) does no
-    // work: evicting it disrupts nothing, and with the default policy a
-    // Workflow whose pods all fail would block every node drain.
-    let pdb = PodDisruptionBudget {
-        metadata: metadata(wf, worker)?,
-        spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(1)),
-            selector: Some(LabelSelector {
-                match_labels: Some(selector),
-                ..Default::default()
-            }),
-            unhealthy_pod_eviction_policy: Some("AlwaysAllow".into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+    let pdb = pods::disruption_budget(metadata(wf, worker)?, selector);
     Ok(Children {
         config_map,
         service_account,
@@ -276,6 +260,7 @@ mod tests {
     use super::*;
     use crate::fixtures;
     use crate::workflow::validate::validate;
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn settings() -> Settings {
         Settings {
