@@ -144,11 +144,8 @@ impl Context {
 
     /// [`Context::publish`] by reference. The note is cut to what the API
     /// server takes (1 kB), or the whole Event would be refused.
-    pub async fn publish_about(&self, reference: &ObjectReference, mut event: Event) {
-        event.note = event.note.map(tallyman_worker::notices::fit_note);
-        if let Err(e) = self.recorder.publish(&event, reference).await {
-            tracing::warn!(error = %e, reason = %event.reason, "failed to publish an Event");
-        }
+    pub async fn publish_about(&self, reference: &ObjectReference, event: Event) {
+        tallyman_worker::notices::publish(&self.recorder, event, reference).await;
     }
 
     /// Run one reconcile, counting it, timing it and classifying its error.

@@ -158,16 +158,20 @@ pub fn fit_note(note: String) -> String {
     format!("{}…", &note[..end])
 }
 
-/// Publishes `event` in a task of its own: best effort, a failure is
-/// logged, and a slow or failing API server holds up nothing.
-pub fn publish_later(recorder: &Recorder, mut event: Event, regarding: ObjectReference) {
+/// Publishes `event` about `regarding`, its note cut to what the API server
+/// takes. Best effort: a failure is logged, not returned.
+pub async fn publish(recorder: &Recorder, mut event: Event, regarding: &ObjectReference) {
     event.note = event.note.map(fit_note);
+    if let Err(e) = recorder.publish(&event, regarding).await {
+        warn!(error = %e, reason = %event.reason, "failed to publish an Event");
+    }
+}
+
+/// [`publish`] in a task of its own: a slow or failing API server holds
+/// up nothing.
+pub fn publish_later(recorder: &Recorder, event: Event, regarding: ObjectReference) {
     let recorder = recorder.clone();
-    tokio::spawn(async move {
-        if let Err(e) = recorder.publish(&event, &regarding).await {
-            warn!(error = %e, reason = %event.reason, "failed to publish an Event");
-        }
-    });
+    tokio::spawn(async move { publish(&recorder, event, &regarding).await });
 }
 
 /// Publishes [`Notice`]s as Events regarding one Workflow.
@@ -222,7 +226,7 @@ impl Notices {
                     action: n.action,
                     secondary: None,
                 };
-                publish_later(&this.recorder, event, regarding.clone());
+                publish(&this.recorder, event, &regarding).await;
             }
         });
     }
