@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use tallyman_api::v1alpha1::{ApprovalPolicy, Connector};
@@ -22,14 +23,19 @@ async fn reconcile(env: &Env, name: &str) -> kube::runtime::controller::Action {
         .expect("reconcile")
 }
 
+/// The Connector's Ready condition as stored.
+fn ready_of(env: &Env, name: &str) -> Condition {
+    let status = current::<Connector>(env, name).unwrap().status.unwrap();
+    conditions::get(&status.conditions, READY).unwrap().clone()
+}
+
 #[tokio::test]
 async fn webhook_connectors_get_one_gateway_and_their_urls() {
     let env = env().await;
     let set = seed_example(&env, "shipment-to-invoice");
     // Without its signing Secret the gateway could not start, and says so.
     reconcile(&env, "wms").await;
-    let waiting = current::<Connector>(&env, "wms").unwrap().status.unwrap();
-    let ready = conditions::get(&waiting.conditions, READY).unwrap();
+    let ready = ready_of(&env, "wms");
     assert_eq!(ready.reason, "SecretsMissing", "{}", ready.message);
     seed_example_secrets(&env, "shipment-to-invoice").await;
     for c in &set.connectors {
@@ -58,7 +64,7 @@ async fn webhook_connectors_get_one_gateway_and_their_urls() {
         Some("http://tallyman-gateway.finance.svc/webhooks/finance/wms/shipments")
     );
     // Nothing serves the webhook until a gateway pod is ready.
-    let ready = conditions::get(&status.conditions, READY).unwrap();
+    let ready = ready_of(&env, "wms");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("False", "GatewayUnavailable"),
@@ -75,8 +81,7 @@ async fn webhook_connectors_get_one_gateway_and_their_urls() {
         .await
         .unwrap();
     reconcile(&env, "wms").await;
-    let status = current::<Connector>(&env, "wms").unwrap().status.unwrap();
-    let ready = conditions::get(&status.conditions, READY).unwrap();
+    let ready = ready_of(&env, "wms");
     assert_eq!(
         (ready.status.as_str(), ready.reason.as_str()),
         ("True", "Reconciled"),

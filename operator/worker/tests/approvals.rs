@@ -163,10 +163,7 @@ async fn an_expired_approval_escalates_to_the_cfo_office() {
 
     // Escalated, the case is the CFO office's: a controller no longer decides it.
     let controller = decision("alice", "finance-controllers", Verdict::Approve, None);
-    let refused = cases
-        .decide(&case.name, controller, Utc::now())
-        .await
-        .unwrap_err();
+    let refused = refusal(cases.as_ref(), &case.name, controller).await;
     assert!(refused.to_string().contains("cfo-office"), "{refused}");
     let cfo = decision("carol", "cfo-office", Verdict::Approve, None);
     let decided = cases.decide(&case.name, cfo, Utc::now()).await.unwrap();
@@ -204,12 +201,7 @@ async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     );
     // Too late to decide now.
     let late = decision("alice", "finance-controllers", Verdict::Approve, None);
-    let refused = run
-        .worker
-        .cases()
-        .decide(&case.name, late, Utc::now())
-        .await
-        .unwrap_err();
+    let refused = refusal(run.worker.cases().as_ref(), &case.name, late).await;
     assert!(refused.to_string().contains("Expired"), "{refused}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
@@ -228,10 +220,7 @@ async fn a_rejected_variance_disputes_the_shipment_and_invoices_nothing() {
     let cases = run.worker.cases();
 
     let unexplained = decision("alice", "finance-controllers", Verdict::Reject, None);
-    let refused = cases
-        .decide(&case.name, unexplained, Utc::now())
-        .await
-        .unwrap_err();
+    let refused = refusal(cases.as_ref(), &case.name, unexplained).await;
     assert!(refused.to_string().contains("comment"), "{refused}");
     let reject = decision(
         "alice",

@@ -11,8 +11,7 @@ use serde_json::json;
 use support::*;
 use tallyman_api::v1alpha1::{CaseState, ExceptionCase};
 use tallyman_core::engine::Status;
-use tallyman_testing::erp::SimErp;
-use tallyman_testing::erp::{Order, OrderLine};
+use tallyman_testing::erp::{OrderLine, SimErp};
 use tallyman_testing::kubeapi::{FakeApi, Key};
 use tallyman_testing::nats::NatsServer;
 use tallyman_worker::CaseBackend;
@@ -31,6 +30,17 @@ async fn append(cases: &Api<ExceptionCase>, name: &str, decision: serde_json::Va
         .patch(name, &PatchParams::default(), &Patch::<()>::Json(patch))
         .await
         .unwrap();
+}
+
+/// The Workflow `name` as the API server holds it (its uid, its status),
+/// for the worker's status.instances and Events.
+fn seed_workflow(kube: &FakeApi, name: &str) -> serde_json::Value {
+    kube.seed(
+        Key::new("tallyman.dev/v1alpha1", "workflows", NS, name),
+        json!({"apiVersion": "tallyman.dev/v1alpha1", "kind": "Workflow",
+               "metadata": {"name": name, "namespace": NS},
+               "spec": {}}),
+    )
 }
 
 async fn eventually<T>(what: &str, mut found: impl FnMut() -> Option<T>) -> T {
@@ -89,17 +99,7 @@ async fn a_case_decided_in_the_cluster_resumes_its_instance() {
     .await;
     let cases: Api<ExceptionCase> = Api::namespaced(kube.client(), NS);
     // The Workflow whose status.instances the worker keeps.
-    let workflow = kube.seed(
-        Key::new(
-            "tallyman.dev/v1alpha1",
-            "workflows",
-            NS,
-            "shipment-to-invoice",
-        ),
-        json!({"apiVersion": "tallyman.dev/v1alpha1", "kind": "Workflow",
-               "metadata": {"name": "shipment-to-invoice", "namespace": NS},
-               "spec": {}}),
-    );
+    let workflow = seed_workflow(&kube, "shipment-to-invoice");
 
     // 5 of 9 × 250.00 shipped: a 1000.00 variance for one controller.
     let js = async_nats::jetstream::new(connect(&nats.url()).await);
@@ -286,24 +286,9 @@ async fn an_instance_the_workflow_fails_is_told_on_the_workflow() {
     let env = env("returns-to-credit").await;
     env.erp
         .require_basic("svc-tallyman", "dummy-erp-sales-password-change-me");
-    env.erp.seed_order(Order {
-        order_id: "4711".into(),
-        customer_id: "C-1001".into(),
-        currency: "EUR".into(),
-        lines: vec![OrderLine::new("A-100", 2, "49.90")],
-    });
+    seed_return_order(&env.erp, vec![OrderLine::new("A-100", 2, "49.90")]);
     let kube = FakeApi::start().await;
-    let workflow = kube.seed(
-        Key::new(
-            "tallyman.dev/v1alpha1",
-            "workflows",
-            NS,
-            "returns-to-credit",
-        ),
-        json!({"apiVersion": "tallyman.dev/v1alpha1", "kind": "Workflow",
-               "metadata": {"name": "returns-to-credit", "namespace": NS},
-               "spec": {}}),
-    );
+    let workflow = seed_workflow(&kube, "returns-to-credit");
     let run = start_with(
         &env.nats.url(),
         &env.def,

@@ -12,7 +12,7 @@ use support::*;
 use tallyman_api::v1alpha1::{CaseState, Verdict};
 use tallyman_core::audit::AuditKind;
 use tallyman_core::engine::{Status, Wait};
-use tallyman_testing::erp::{Order, OrderLine};
+use tallyman_testing::erp::OrderLine;
 
 const NS: &str = "finance";
 
@@ -393,15 +393,13 @@ async fn a_credit_note_is_booked_once_even_when_its_answer_is_lost() {
     let env = env("returns-to-credit").await;
     env.erp
         .require_basic("svc-tallyman", "dummy-erp-sales-password-change-me");
-    env.erp.seed_order(Order {
-        order_id: "4711".into(),
-        customer_id: "C-1001".into(),
-        currency: "EUR".into(),
-        lines: vec![
+    seed_return_order(
+        &env.erp,
+        vec![
             OrderLine::new("A-100", 2, "49.90"),
             OrderLine::new("B-200", 1, "120.00"),
         ],
-    });
+    );
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
 
@@ -472,12 +470,7 @@ async fn a_credit_note_is_booked_once_even_when_its_answer_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_credit_note_whose_lookup_gets_no_answer_waits_for_a_person_not_a_second_booking() {
     let env = env("returns-to-credit").await;
-    env.erp.seed_order(Order {
-        order_id: "4711".into(),
-        customer_id: "C-1001".into(),
-        currency: "EUR".into(),
-        lines: vec![OrderLine::new("A-100", 2, "49.90")],
-    });
+    seed_return_order(&env.erp, vec![OrderLine::new("A-100", 2, "49.90")]);
     // The note is booked but the answer is lost, and then the look-ups fail
     // too: nobody can tell whether it exists.
     env.erp
@@ -513,12 +506,7 @@ async fn a_credit_note_whose_lookup_gets_no_answer_waits_for_a_person_not_a_seco
         ["customer-service-leads", "finance-controllers"]
     );
     let outsider = decision("ops", "operations", Verdict::Approve, None);
-    let refused = run
-        .worker
-        .cases()
-        .decide(&case.name, outsider, Utc::now())
-        .await
-        .unwrap_err();
+    let refused = refusal(run.worker.cases().as_ref(), &case.name, outsider).await;
     assert!(
         refused.to_string().contains("customer-service-leads"),
         "{refused}"

@@ -162,6 +162,17 @@ pub fn seed_order(erp: &SimErp, order: &str, qty_b: i64, price_b: &str) {
     });
 }
 
+/// The order the returns example's events refer to: 4711 of customer
+/// C-1001, in EUR, with `lines`.
+pub fn seed_return_order(erp: &SimErp, lines: Vec<OrderLine>) {
+    erp.seed_order(Order {
+        order_id: "4711".into(),
+        customer_id: "C-1001".into(),
+        currency: "EUR".into(),
+        lines,
+    });
+}
+
 /// Wait for `cond` or fail after `limit`, saying what was awaited.
 pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -214,6 +225,18 @@ pub async fn kv_cases(nats: &str, ns: &str) -> tallyman_worker::cases::KvCases {
 }
 
 /// One person's decision on a case.
+/// Why the case store refuses `decision` on case `name` now.
+pub async fn refusal(
+    cases: &dyn tallyman_worker::cases::CaseStore,
+    name: &str,
+    decision: tallyman_api::v1alpha1::CaseDecision,
+) -> tallyman_worker::cases::DecideError {
+    cases
+        .decide(name, decision, chrono::Utc::now())
+        .await
+        .expect_err("the decision is refused")
+}
+
 pub fn decision(
     who: &str,
     group: &str,
