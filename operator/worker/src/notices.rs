@@ -63,9 +63,10 @@ pub fn notices(
                 ),
             }),
             Outbound::OpenCase(req) => out.push(Notice {
-                // A failed call or a missed SLA is trouble; a variance for
-                // approval is the policy at work.
-                warning: matches!(req.reason.as_str(), "CallFailed" | "SlaBreached"),
+                // A case no policy governs is the workflow's own trouble (a
+                // failed call, a missed SLA); a policy's case is the policy
+                // at work.
+                warning: req.policy.is_empty(),
                 reason: "ExceptionOpened",
                 action: req.reason.clone(),
                 note: format!(
@@ -269,7 +270,8 @@ mod tests {
 
     const DLQ: &str = "tallyman.finance.dlq.shipment-to-invoice";
 
-    fn case(reason: &str) -> Outbound {
+    /// A case opened for `reason` under `policy` ("": none).
+    fn case(reason: &str, policy: &str) -> Outbound {
         Outbound::OpenCase(Box::new(CaseRequest {
             name: "c".into(),
             workflow: "shipment-to-invoice".into(),
@@ -278,7 +280,7 @@ mod tests {
             reason: reason.into(),
             facts: Default::default(),
             initiator: String::new(),
-            policy: String::new(),
+            policy: policy.into(),
             rule: String::new(),
             required: tallyman_api::v1alpha1::Approvers {
                 groups: vec!["finance-controllers".into()],
@@ -301,8 +303,8 @@ mod tests {
                 step: "invoice".into(),
                 reason: "gave up after 5 attempts: 503".into(),
             },
-            case("CallFailed"),
-            case("QuantityMismatch"),
+            case("CallFailed", ""),
+            case("QuantityMismatch", "variance-approval"),
             Outbound::Wake { due_ms: 1 },
         ];
         let got = notices(&outbox, true, Some("invoice"), DLQ);
