@@ -888,7 +888,7 @@ impl Worker {
                             .get_or_create(&self.labels)
                             .inc_by(more);
                     }
-                    self.publish_outbox(&inst).await?;
+                    self.publish_outbox(&inst, new_revision).await?;
                     self.remember(key, new_revision, inst, machine.into_values(), stored);
                     return Ok(());
                 }
@@ -1008,7 +1008,7 @@ impl Worker {
             Ok(Some(e)) if e.operation == kv::Operation::Put => {
                 let inst: Instance = serde_json::from_slice(&e.value)
                     .map_err(|err| Error::Store(format!("instance {key} is unreadable: {err}")))?;
-                self.publish_outbox(&inst).await?;
+                self.publish_outbox(&inst, e.revision).await?;
                 Ok(Some((inst, e.revision)))
             }
             Ok(_) => Ok(None),
@@ -1215,7 +1215,9 @@ impl Worker {
     /// message id, so publishing again after a crash is deduplicated. The
     /// audit records of one commit travel in one message (a JSON array, in
     /// chain order): one stored write instead of one per record.
-    async fn publish_outbox(&self, inst: &Instance) -> Result<(), Error> {
+    /// Publish the outbox of the commit stored as `revision` (again, after
+    /// a crash: the ids make the repeat a duplicate the broker drops).
+    async fn publish_outbox(&self, inst: &Instance, revision: u64) -> Result<(), Error> {
         if inst.outbox.is_empty() && inst.audit_batch.is_none() {
             return Ok(());
         }
@@ -1274,14 +1276,18 @@ impl Worker {
                 )),
                 Outbound::Wake { due_ms } => {
                     // One schedule subject per instance: a newer wake-up
-                    // replaces the schedule instead of adding one.
+                    // replaces the schedule instead of adding one. The id
+                    // names the commit: the same time armed again by a later
+                    // commit (an SLA after a shorter wait fired) is a new
+                    // schedule, not a duplicate the broker would drop.
                     let timer = TimerMsg {
                         key: inst.key.clone(),
                         token: "wake".into(),
                         due_ms: *due_ms,
                         case: None,
                     };
-                    messages.push(self.timer_message(&timer, &prefix, &format!("{prefix}/wake/{due_ms}"))?);
+                    let msg_id = format!("{prefix}/wake/{due_ms}/{revision}");
+                    messages.push(self.timer_message(&timer, &prefix, &msg_id)?);
                 }
                 Outbound::CancelWake => {
                     // A schedule left behind only fires into a no-op later:

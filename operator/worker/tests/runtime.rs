@@ -482,6 +482,79 @@ async fn an_sla_breach_is_recorded_and_counted_once() {
     );
 }
 
+/// An SLA armed again by a later commit, after a shorter timer replaced
+/// it and fired, still fires: the wake-up for the same time is a new
+/// schedule, not a duplicate of the first one for the broker to drop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sla_armed_again_after_a_shorter_wait_fired_still_fires() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let mut def = env.def.clone();
+    // Both times later than a second ahead, so both are schedules (on the
+    // instance's one schedule subject), not messages due at once.
+    def.spec.sla.as_mut().unwrap().complete = "8s".parse().unwrap();
+    def.spec.trigger.events.push("order.cancelled".into());
+    def.spec.steps = serde_json::from_value(serde_json::json!([
+        {"name": "ordered", "await": {"events": ["order.created"]}},
+        {"name": "shipped", "await": {"events": ["shipment.confirmed"]}},
+        {"name": "pause", "wait": {"for": "3s"}},
+        {"name": "cancelled", "await": {"events": ["order.cancelled"]}},
+    ]))
+    .unwrap();
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    let step = |run: &Running| {
+        let worker = run.worker.clone();
+        async move {
+            worker
+                .instance("REARM")
+                .await
+                .unwrap()
+                .map(|i| i.step)
+                .unwrap_or_default()
+        }
+    };
+    // The SLA's wake-up is armed alone...
+    publish(&js, NS, "order.created", "o-rearm", &order_data("REARM")).await;
+    eventually(
+        "the instance to wait for its shipment",
+        Duration::from_secs(10),
+        || {
+            let step = step(&run);
+            async move { step.await == 1 }
+        },
+    )
+    .await;
+    // ...then replaced by the pause's, which fires; the SLA's is armed again.
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-rearm",
+        &shipment_data("REARM", 5),
+    )
+    .await;
+    eventually("the pause to end", Duration::from_secs(10), || {
+        let step = step(&run);
+        async move { step.await == 3 }
+    })
+    .await;
+    let labels = tallyman_telemetry::WorkflowLabels::new(NS, "shipment-to-invoice");
+    let breaches = || metrics.worker.sla_breaches.get_or_create(&labels).get();
+    wait_for("the SLA to be breached", Duration::from_secs(15), || {
+        breaches() == 1
+    })
+    .await;
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;
