@@ -128,6 +128,42 @@ async fn publish_audit(js: &jetstream::Context, msg_id: &str, records: &[serde_j
     .unwrap();
 }
 
+/// A worker that reads an instance back publishes its last commit's outbox
+/// again (a crash may have cut it short); after the broker's duplicate
+/// window the audit stream stores that batch a second time. Identical
+/// records stored again are counted, not reported as tampering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_stored_again_after_the_duplicate_window_still_verifies() {
+    let (nats, js) = small_run().await;
+    let messages = audit_messages(&js).await;
+    let records: usize = messages.iter().map(|(_, r)| r.len()).sum();
+    let (_, again) = messages.last().unwrap().clone();
+    // A new message id stands for the window having passed.
+    publish_audit(&js, "published-again-later", &again).await;
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!(
+            "{} records of 3 instances ({} of them stored again, identical: an outbox published once more): every chain verifies",
+            records + again.len(),
+            again.len()
+        )),
+        "{said}"
+    );
+    let ok = report(&nats);
+    assert_eq!(ok["repeated"], again.len());
+    assert_eq!(ok["problems"], serde_json::json!([]));
+
+    // A copy that differs is still two records claiming one place.
+    let mut changed = again.clone();
+    changed[0]["detail"] = serde_json::json!({"forged": true});
+    publish_audit(&js, "changed-copy", &changed).await;
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intact_trail_verifies_and_a_removed_record_is_named() {
     let (nats, js) = small_run().await;

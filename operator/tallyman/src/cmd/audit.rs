@@ -100,8 +100,14 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 for p in &report.problems {
                     println!("{p}");
                 }
+                let repeated = match report.repeated {
+                    0 => String::new(),
+                    n => format!(
+                        " ({n} of them stored again, identical: an outbox published once more)"
+                    ),
+                };
                 println!(
-                    "{} records of {} instances: {}",
+                    "{} records of {} instances{repeated}: {}",
                     report.records,
                     report.instances,
                     if report.is_ok() {
