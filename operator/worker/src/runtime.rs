@@ -1428,17 +1428,25 @@ impl Worker {
         case: &str,
         now: DateTime<Utc>,
     ) -> Result<(), Error> {
-        let Some(record) = self.cases.expire(case, now).await? else {
-            return Ok(());
+        let record = match self.cases.expire(case, now).await? {
+            Some(changed) if changed.is_final() => return self.resume(&changed).await,
+            Some(escalated) => escalated,
+            // Applied already: by this timer before a crash cut it short,
+            // or on another path (a decision that found the deadline
+            // passed, the cluster's watch). Its next deadline may then have
+            // no timer yet; scheduling it again is harmless (one schedule
+            // per token, the same message id).
+            None => match self.cases.get(case).await? {
+                Some(open) if !open.is_final() => open,
+                _ => return Ok(()),
+            },
         };
-        if record.is_final() {
-            return self.resume(&record).await;
-        }
         if let Some(deadline) = record
             .status
             .deadline
             .as_ref()
             .map(tallyman_core::policy::from_time)
+            .filter(|d| d.timestamp_millis() > timer.due_ms)
         {
             let next = TimerMsg {
                 key: timer.key.clone(),
@@ -1478,6 +1486,31 @@ impl Worker {
         self.cases.mark_resumed(&record.name).await
     }
 
+    /// [`Worker::resume`], tried again until it succeeds or the worker
+    /// stops: the watch tells of a decided case once, so a resume that
+    /// failed (the store or the broker unavailable for a moment) would
+    /// otherwise wait for the next restart.
+    async fn resume_until_done(&self, mut record: CaseRecord, mut shutdown: watch::Receiver<bool>) {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            let Err(e) = self.resume(&record).await else {
+                return;
+            };
+            warn!(case = %record.name, error = %e, retry_in = ?wait, "failed to resume an instance; trying again");
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(Duration::from_secs(30));
+            // Another replica may have resumed it meanwhile.
+            match self.cases.get(&record.name).await {
+                Ok(Some(now)) => record = now,
+                Ok(None) => return,
+                Err(_) => {}
+            }
+        }
+    }
+
     /// Watch the case bucket: a decided case resumes its instance, whichever
     /// process decided it.
     async fn watch_cases(
@@ -1493,11 +1526,8 @@ impl Worker {
             let Some(record) = record else { break };
             if record.is_final() && !record.resumed && record.spec.workflow == self.names.workflow {
                 let this = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = this.resume(&record).await {
-                        warn!(case = %record.name, error = %e, "failed to resume an instance");
-                    }
-                });
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { this.resume_until_done(record, shutdown).await });
             }
         }
         Ok(())

@@ -179,6 +179,79 @@ async fn an_expired_approval_escalates_to_the_cfo_office() {
     run.shutdown().await;
 }
 
+/// A case escalated by another process before the worker's timer for its
+/// first deadline fired still gets a timer for the escalated deadline:
+/// nobody decides, so it expires and the shipment is disputed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_case_escalated_elsewhere_still_expires_at_its_new_deadline() {
+    let mut env = env("shipment-to-invoice").await;
+    let expiry = env.def.policies.get_mut(POLICY).unwrap();
+    let expiry = expiry.expiry.as_mut().unwrap();
+    assert_eq!(expiry.then, ExpiryAction::Escalate);
+    expiry.after = "2s".parse().unwrap();
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4725").await;
+    run.shutdown().await;
+
+    // The first deadline passes while no worker runs, and another process
+    // applies it: escalated, with a new deadline.
+    let first = tallyman_core::policy::from_time(case.status.deadline.as_ref().unwrap());
+    let wait = (first - Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(100)).await;
+    let cases = kv_cases(&env.nats.url(), NS).await;
+    let escalated = cases.expire(&case.name, Utc::now()).await.unwrap().unwrap();
+    assert_eq!(escalated.status.state, CaseState::Escalated);
+
+    // The worker's timer for the first deadline finds it applied.
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    wait_state(run.worker.cases().as_ref(), &case.name, CaseState::Expired).await;
+    wait_status(&run, "4725", Status::Rejected).await;
+    assert_disputed(&env, "4725").await;
+    assert_eq!(env.erp.invoice_count(), 0);
+    run.shutdown().await;
+}
+
+/// A resume that fails for a moment (here the instance is unreadable in
+/// the store) is tried again, not left until the worker restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_fails_for_a_moment_is_tried_again() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4726").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
+    let key = tallyman_worker::names::kv_key("4726");
+    let stored = kv.get(&key).await.unwrap().expect("the waiting instance");
+    kv.put(&key, "not an instance".into()).await.unwrap();
+
+    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
+    let decided = run
+        .worker
+        .cases()
+        .decide(&case.name, approve, Utc::now())
+        .await
+        .unwrap();
+    assert_eq!(decided.status.state, CaseState::Approved);
+    // The resume cannot read the instance and fails, more than once.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !run.worker
+            .cases()
+            .get(&case.name)
+            .await
+            .unwrap()
+            .unwrap()
+            .resumed,
+        "not resumed while the instance is unreadable"
+    );
+
+    kv.put(&key, stored).await.unwrap();
+    wait_status(&run, "4726", Status::Completed).await;
+    assert_invoiced_as_shipped(&env, "4726");
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     let mut env = env("shipment-to-invoice").await;
