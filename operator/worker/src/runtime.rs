@@ -738,6 +738,11 @@ impl Worker {
             // Taken out, not copied: the instance lock keeps every other
             // message for this key waiting until it is put back.
             let cached = self.cache.lock().expect("cache lock").take(key);
+            // Held since this process wrote it: another replica (a timer
+            // or a case it took, the other event of an order) may have
+            // written since. Checked before the first call, so no call is
+            // made from a state the store no longer has.
+            let mut unconfirmed = cached.is_some();
             let mut probed = None;
             // Whether the instance is assumed new without having read it.
             let mut unread = false;
@@ -808,6 +813,7 @@ impl Worker {
             // Call steps' execution time: their calls, retries and lookups.
             let mut call_steps: Vec<(String, Duration)> = Vec::new();
             let mut applied = 0;
+            let mut stale = false;
             for input in inputs {
                 let next = match first.take() {
                     Some(next) => next,
@@ -827,6 +833,13 @@ impl Worker {
                     }
                 };
                 applied += 1;
+                if unconfirmed && matches!(next, Next::Call(_) | Next::Lookup(_)) {
+                    if self.stored_revision(&kv_key).await? != revision {
+                        stale = true;
+                        break;
+                    }
+                    unconfirmed = false;
+                }
                 machine = self
                     .run_calls(
                         machine,
@@ -837,6 +850,20 @@ impl Worker {
                         &mut call_steps,
                     )
                     .await;
+            }
+            if stale {
+                // The held copy is stale: nothing was called from it (the
+                // loop stopped at the first call), so read the store and
+                // apply the inputs again.
+                assume_new = false;
+                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .worker
+                    .cas_conflicts
+                    .get_or_create(&self.labels)
+                    .inc();
+                debug!(key, "held instance is stale; reading it");
+                continue;
             }
             if applied == 0 {
                 // Nothing new: every event was applied before.
@@ -1013,6 +1040,18 @@ impl Worker {
             }
             Ok(_) => Ok(None),
             Err(e) => Err(Error::Store(format!("failed to read instance {key}: {e}"))),
+        }
+    }
+
+    /// The revision the store holds for an instance now; `None` when it
+    /// holds none (never written, deleted or purged).
+    async fn stored_revision(&self, kv_key: &str) -> Result<Option<u64>, Error> {
+        match self.handles.instances.entry(kv_key).await {
+            Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(Some(e.revision)),
+            Ok(_) => Ok(None),
+            Err(e) => Err(Error::Store(format!(
+                "failed to read instance {kv_key}: {e}"
+            ))),
         }
     }
 

@@ -252,6 +252,55 @@ async fn a_resume_that_fails_for_a_moment_is_tried_again() {
     run.shutdown().await;
 }
 
+/// Nothing is called from an instance a worker holds when the store has a
+/// newer state: here another replica ended it while this worker held it,
+/// waiting for a decision. The approval then finds it ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_called_from_a_held_instance_the_store_moved_past() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &run, "4727").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
+    let key = tallyman_worker::names::kv_key("4727");
+    let mut ended: serde_json::Value =
+        serde_json::from_slice(&kv.get(&key).await.unwrap().unwrap()).unwrap();
+    ended["status"] = serde_json::json!("Rejected");
+    kv.put(&key, serde_json::to_vec(&ended).unwrap().into())
+        .await
+        .unwrap();
+
+    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
+    run.worker
+        .cases()
+        .decide(&case.name, approve, Utc::now())
+        .await
+        .unwrap();
+    eventually(
+        "the case to be resumed",
+        Duration::from_secs(10),
+        || async {
+            run.worker
+                .cases()
+                .get(&case.name)
+                .await
+                .unwrap()
+                .unwrap()
+                .resumed
+        },
+    )
+    .await;
+    assert_eq!(
+        env.erp.invoice_count(),
+        0,
+        "no invoice for an instance the store has ended"
+    );
+    let inst = run.worker.instance("4727").await.unwrap().unwrap();
+    assert_eq!(inst.status, Status::Rejected);
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     let mut env = env("shipment-to-invoice").await;
