@@ -1431,6 +1431,8 @@ impl Worker {
     }
 
     async fn handle_timer(&self, msg: jetstream::Message) {
+        // Shared with the calls it leads to: their retries keep it alive.
+        let msg = Arc::new(msg);
         let Ok(timer) = serde_json::from_slice::<TimerMsg>(&msg.payload) else {
             self.poison(&msg, "not a timer message").await;
             return;
@@ -1444,8 +1446,11 @@ impl Worker {
         }
         self.stats.timers.fetch_add(1, Ordering::Relaxed);
         let result = match &timer.case {
-            None => self.process(&timer.key, Input::Wake, None).await,
-            Some(case) => self.case_deadline(&timer, case, now).await,
+            None => {
+                self.process(&timer.key, Input::Wake, Some(msg.clone()))
+                    .await
+            }
+            Some(case) => self.case_deadline(&timer, case, now, &msg).await,
         };
         match result {
             Ok(()) => {
@@ -1460,15 +1465,20 @@ impl Worker {
         }
     }
 
-    /// A case's deadline: escalate (and set the next deadline) or expire it.
+    /// A case's deadline: escalate (and set the next deadline) or expire
+    /// it; or, for a decided case (the replicas' watches announce it as a
+    /// timer due at once), resume its instance.
     async fn case_deadline(
         &self,
         timer: &TimerMsg,
         case: &str,
         now: DateTime<Utc>,
+        msg: &Arc<jetstream::Message>,
     ) -> Result<(), Error> {
         let record = match self.cases.expire(case, now).await? {
-            Some(changed) if changed.is_final() => return self.resume(&changed).await,
+            Some(changed) if changed.is_final() => {
+                return self.resume(&changed, Some(msg.clone())).await;
+            }
             Some(escalated) => escalated,
             // Applied already: by this timer before a crash cut it short,
             // or on another path (a decision that found the deadline
@@ -1477,7 +1487,8 @@ impl Worker {
             // per token, the same message id).
             None => match self.cases.get(case).await? {
                 Some(open) if !open.is_final() => open,
-                _ => return Ok(()),
+                Some(decided) => return self.resume(&decided, Some(msg.clone())).await,
+                None => return Ok(()),
             },
         };
         if let Some(deadline) = record
@@ -1504,8 +1515,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Give a decided case's outcome to its instance.
-    async fn resume(&self, record: &CaseRecord) -> Result<(), Error> {
+    /// Give a decided case's outcome to its instance (once: nothing when it
+    /// took it already).
+    async fn resume(
+        &self,
+        record: &CaseRecord,
+        msg: Option<Arc<jetstream::Message>>,
+    ) -> Result<(), Error> {
         if record.spec.workflow != self.names.workflow || record.resumed || !record.is_final() {
             return Ok(());
         }
@@ -1518,35 +1534,46 @@ impl Worker {
                     approved: record.approved(),
                     detail,
                 },
-                None,
+                msg,
             )
             .await?;
         }
         self.cases.mark_resumed(&record.name).await
     }
 
-    /// [`Worker::resume`], tried again until it succeeds or the worker
-    /// stops: the watch tells of a decided case once, so a resume that
-    /// failed (the store or the broker unavailable for a moment) would
-    /// otherwise wait for the next restart.
-    async fn resume_until_done(&self, mut record: CaseRecord, mut shutdown: watch::Receiver<bool>) {
+    /// Hand a decided case to one replica: a timer message due at once,
+    /// with the same message id from every replica's watch, so the broker
+    /// stores it once and the timers consumer gives it to one of them. Its
+    /// redelivery retries a resume that failed. The publish itself is tried
+    /// again until it is stored or the worker stops.
+    async fn announce_decided(&self, record: CaseRecord, mut shutdown: watch::Receiver<bool>) {
+        let prefix = self.msg_prefix(&record.spec.key);
+        let timer = TimerMsg {
+            key: record.spec.key.clone(),
+            token: format!("{prefix}/case/{}/decided", record.name),
+            due_ms: Utc::now().timestamp_millis(),
+            case: Some(record.name.clone()),
+        };
         let mut wait = Duration::from_millis(200);
         loop {
-            let Err(e) = self.resume(&record).await else {
+            let published = async {
+                let (subject, publish) = self.timer_message(&timer, &timer.token, &timer.token)?;
+                self.js()
+                    .send_publish(subject, publish)
+                    .await
+                    .map_err(|e| Error::Publish(e.to_string()))?
+                    .await
+                    .map_err(|e| Error::Publish(e.to_string()))
+            };
+            let Err(e) = published.await else {
                 return;
             };
-            warn!(case = %record.name, error = %e, retry_in = ?wait, "failed to resume an instance; trying again");
+            warn!(case = %record.name, error = %e, retry_in = ?wait, "failed to hand a decided case on; trying again");
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(wait) => {}
             }
             wait = (wait * 2).min(Duration::from_secs(30));
-            // Another replica may have resumed it meanwhile.
-            match self.cases.get(&record.name).await {
-                Ok(Some(now)) => record = now,
-                Ok(None) => return,
-                Err(_) => {}
-            }
         }
     }
 
@@ -1566,7 +1593,7 @@ impl Worker {
             if record.is_final() && !record.resumed && record.spec.workflow == self.names.workflow {
                 let this = self.clone();
                 let shutdown = shutdown.clone();
-                tokio::spawn(async move { this.resume_until_done(record, shutdown).await });
+                tokio::spawn(async move { this.announce_decided(record, shutdown).await });
             }
         }
         Ok(())

@@ -301,6 +301,35 @@ async fn nothing_is_called_from_a_held_instance_the_store_moved_past() {
     run.shutdown().await;
 }
 
+/// With two replicas, a decided case resumes its instance once: one
+/// replica makes the call that follows, not both (a connector that looks
+/// its bookings up first would otherwise book twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_resume_a_decided_case_once() {
+    let env = env("shipment-to-invoice").await;
+    let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let second = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let case = open_variance(&env, &first, "4728").await;
+    // Slow enough that a second resume would start while the first calls.
+    env.erp.delay("/invoices", Duration::from_millis(300));
+    env.erp.reset_requests();
+
+    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
+    first
+        .worker
+        .cases()
+        .decide(&case.name, approve, Utc::now())
+        .await
+        .unwrap();
+    wait_status(&first, "4728", Status::Completed).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_invoiced_as_shipped(&env, "4728");
+    assert_eq!(env.erp.requests("/invoices"), 1, "one replica calls");
+    assert_eq!(env.erp.duplicates_prevented(), 0);
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     let mut env = env("shipment-to-invoice").await;
