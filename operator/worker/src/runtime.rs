@@ -14,8 +14,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
-    CallPlan, CallResult, Compiled, Definition, Event, Input, Instance, Machine, Next, Outbound,
-    Values, id_prefix,
+    CallPlan, CallResult, CaseHistory, Compiled, Definition, Event, Input, Instance, Machine, Next,
+    Outbound, Values, id_prefix,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -1533,6 +1533,15 @@ impl Worker {
                     name: record.name.clone(),
                     approved: record.approved(),
                     detail,
+                    history: CaseHistory {
+                        decisions: record.spec.decisions.clone(),
+                        escalated_to: record
+                            .status
+                            .escalated
+                            .then(|| record.spec.escalate_to.as_ref().map(|to| to.groups.clone()))
+                            .flatten(),
+                        expired: record.status.state == tallyman_api::v1alpha1::CaseState::Expired,
+                    },
                 },
                 msg,
             )

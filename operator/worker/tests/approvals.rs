@@ -177,6 +177,18 @@ async fn an_expired_approval_escalates_to_the_cfo_office() {
     wait_status(&run, "4721", Status::Completed).await;
     assert_invoiced_as_shipped(&env, "4721");
     run.shutdown().await;
+    // The chain tells how: the escalation, carol's decision, the outcome.
+    let records = audit_of(&env.nats.url(), NS, "4721").await;
+    let at = |kind: AuditKind| records.iter().position(|r| r.kind == kind);
+    let decision = &records[at(AuditKind::DecisionRecorded).expect("the decision")];
+    assert_eq!(decision.detail["approver"], "carol");
+    assert_eq!(decision.detail["groups"], serde_json::json!(["cfo-office"]));
+    assert_eq!(decision.detail["decision"], "Approve");
+    let escalated = &records[at(AuditKind::CaseEscalated).expect("the escalation")];
+    assert_eq!(escalated.detail["to"], serde_json::json!(["cfo-office"]));
+    assert!(at(AuditKind::DecisionRecorded) < at(AuditKind::CaseApproved));
+    assert_eq!(at(AuditKind::CaseExpired), None);
+    assert!(verified_trail(&env.nats.url(), NS).await.is_ok());
 }
 
 /// A case escalated by another process before the worker's timer for its
@@ -344,6 +356,15 @@ async fn an_approval_nobody_decides_expires_and_disputes_the_shipment() {
     wait_state(run.worker.cases().as_ref(), &case.name, CaseState::Expired).await;
     wait_status(&run, "4722", Status::Rejected).await;
     assert_disputed(&env, "4722").await;
+    let kinds: Vec<_> = audit_of(&env.nats.url(), NS, "4722")
+        .await
+        .iter()
+        .map(|r| r.kind)
+        .collect();
+    let expired = kinds.iter().position(|k| *k == AuditKind::CaseExpired);
+    let rejected = kinds.iter().position(|k| *k == AuditKind::CaseRejected);
+    assert!(expired.is_some() && expired < rejected, "{kinds:?}");
+    assert!(!kinds.contains(&AuditKind::DecisionRecorded), "{kinds:?}");
     let inst = run.worker.instance("4722").await.unwrap().unwrap();
     assert!(
         inst.outcome.as_deref().unwrap_or("").contains("rejected"),

@@ -47,9 +47,23 @@ pub enum Input {
         name: String,
         approved: bool,
         detail: String,
+        /// How it was decided: recorded in the instance's audit chain when
+        /// the instance takes the outcome.
+        history: CaseHistory,
     },
     CallDone(CallResult),
     LookupDone(CallResult),
+}
+
+/// What happened to a case before its outcome reached the instance: each
+/// person's decision, its escalation and its expiry, one audit record each.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CaseHistory {
+    pub decisions: Vec<tallyman_api::v1alpha1::CaseDecision>,
+    /// The groups it was escalated to, when it was.
+    pub escalated_to: Option<Vec<String>>,
+    /// Nobody decided it in time.
+    pub expired: bool,
 }
 
 /// What the runtime must do next for this instance.
@@ -390,9 +404,10 @@ impl<'a> Machine<'a> {
                 name,
                 approved,
                 detail,
+                history,
             } => match inst.wait.clone() {
                 Some(Wait::Case { name: n, during }) if n == name => {
-                    self.decided(inst, &name, approved, &detail);
+                    self.decided(inst, &name, approved, &detail, &history);
                     if approved {
                         self.approved(inst, during)?;
                     } else {
@@ -401,7 +416,7 @@ impl<'a> Machine<'a> {
                     Ok(None)
                 }
                 Some(Wait::FailedCall { case }) if case == name => {
-                    self.decided(inst, &name, approved, &detail);
+                    self.decided(inst, &name, approved, &detail, &history);
                     if !approved {
                         self.end(
                             inst,
@@ -458,9 +473,50 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// People decided the case the instance waited for: stop waiting, audit.
-    fn decided(&self, inst: &mut Instance, case: &str, approved: bool, detail: &str) {
+    /// People decided the case the instance waited for (or its deadline
+    /// did): stop waiting, audit each decision, the escalation and the
+    /// expiry, then the outcome.
+    fn decided(
+        &self,
+        inst: &mut Instance,
+        case: &str,
+        approved: bool,
+        detail: &str,
+        history: &CaseHistory,
+    ) {
         inst.wait = None;
+        let step = self.step_name(inst);
+        for d in &history.decisions {
+            let mut note = serde_json::json!({
+                "case": case,
+                "approver": d.approver,
+                "groups": d.groups,
+                "decision": match d.decision {
+                    tallyman_api::v1alpha1::Verdict::Approve => "Approve",
+                    tallyman_api::v1alpha1::Verdict::Reject => "Reject",
+                },
+            });
+            if let Some(comment) = &d.comment {
+                note["comment"] = serde_json::Value::from(comment.as_str());
+            }
+            self.audit(inst, AuditKind::DecisionRecorded, Some(step.clone()), note);
+        }
+        if let Some(to) = &history.escalated_to {
+            self.audit(
+                inst,
+                AuditKind::CaseEscalated,
+                Some(step.clone()),
+                serde_json::json!({"case": case, "to": to}),
+            );
+        }
+        if history.expired {
+            self.audit(
+                inst,
+                AuditKind::CaseExpired,
+                Some(step.clone()),
+                serde_json::json!({"case": case}),
+            );
+        }
         let kind = if approved {
             AuditKind::CaseApproved
         } else {

@@ -274,6 +274,7 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
             name: "other".into(),
             approved: true,
             detail: String::new(),
+            history: CaseHistory::default(),
         },
     );
     m.apply(
@@ -291,9 +292,62 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
             name: case.name.clone(),
             approved: true,
             detail: "alice".into(),
+            history: CaseHistory::default(),
         },
     ));
     assert_eq!(p.action, "createInvoice");
+
+    // How the case was decided goes into the chain, before the outcome.
+    use tallyman_api::v1alpha1::{CaseDecision, Verdict};
+    let mut expired = inst.clone();
+    expired.outbox.clear();
+    m.apply(
+        &mut expired,
+        Input::CaseResolved {
+            name: case.name.clone(),
+            approved: false,
+            detail: "no decision within the deadline".into(),
+            history: CaseHistory {
+                decisions: vec![CaseDecision {
+                    approver: "carol".into(),
+                    groups: vec!["cfo-office".into()],
+                    decision: Verdict::Approve,
+                    comment: Some("fine by me".into()),
+                }],
+                escalated_to: Some(vec!["cfo-office".into()]),
+                expired: true,
+            },
+        },
+    );
+    let records: Vec<_> = expired
+        .outbox
+        .iter()
+        .filter_map(|o| match o {
+            Outbound::Audit(r) => Some(r),
+            _ => None,
+        })
+        .collect();
+    let kinds: Vec<_> = records.iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds[..4],
+        [
+            AuditKind::DecisionRecorded,
+            AuditKind::CaseEscalated,
+            AuditKind::CaseExpired,
+            AuditKind::CaseRejected
+        ],
+        "{kinds:?}"
+    );
+    assert_eq!(
+        records[0].detail,
+        serde_json::json!({"case": case.name, "approver": "carol", "groups": ["cfo-office"],
+            "decision": "Approve", "comment": "fine by me"})
+    );
+    assert_eq!(
+        records[1].detail,
+        serde_json::json!({"case": case.name, "to": ["cfo-office"]})
+    );
+    assert!(records.iter().all(|r| r.hash_matches()));
 
     inst.outbox.clear();
     m.apply(
@@ -302,6 +356,7 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
             name: case.name.clone(),
             approved: false,
             detail: "wrong".into(),
+            history: CaseHistory::default(),
         },
     );
     assert_eq!(inst.status, Status::Rejected);
@@ -384,6 +439,7 @@ fn a_failed_call_is_dead_lettered_and_retried_on_approval() {
             name: case,
             approved: true,
             detail: "ops".into(),
+            history: CaseHistory::default(),
         },
     ));
     assert_eq!(retry.action, "getOrder");
@@ -522,6 +578,7 @@ fn a_lookup_without_an_answer_fails_the_call_instead_of_repeating_it() {
             name: case,
             approved: true,
             detail: "ops".into(),
+            history: CaseHistory::default(),
         },
     );
     assert!(matches!(again, Next::Lookup(_)), "{again:?}");
