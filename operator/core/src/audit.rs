@@ -487,6 +487,15 @@ pub struct VerifyReport {
     /// They add nothing and take nothing away, so they are no problem.
     #[serde(default)]
     pub repeated: usize,
+    /// Instances whose chain begins after records the audit stream's own
+    /// limits removed (see [`verify_retained`]): their first records are
+    /// gone by retention, which no chain can tell from a deletion.
+    #[serde(default)]
+    pub begin_after_retention: usize,
+    /// Where the audit stream begins when its limits removed older
+    /// messages (set by the reader of the stream, not by [`verify`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_from: Option<u64>,
     /// Ordered by instance (first appearance) and seq.
     pub problems: Vec<Problem>,
 }
@@ -549,6 +558,14 @@ impl fmt::Display for ProblemKind {
 /// seq runs 1, 2, 3 … without gaps or repeats in arrival order, and every
 /// `prev` is the hash of the record one seq before.
 pub fn verify(records: &[AuditRecord]) -> VerifyReport {
+    verify_retained(records, false)
+}
+
+/// [`verify`] for a stream whose limits (age, count, size) have removed its
+/// oldest messages (`trimmed`): a chain that starts after record 1 is
+/// counted in `begin_after_retention` instead of reported Missing. Gaps
+/// inside a chain are still reported.
+pub fn verify_retained(records: &[AuditRecord], trimmed: bool) -> VerifyReport {
     let mut ids: HashMap<(&str, &str, &str), usize> = HashMap::new();
     let instance_of: Vec<usize> = records
         .iter()
@@ -565,6 +582,8 @@ pub fn verify(records: &[AuditRecord]) -> VerifyReport {
         instance_of: &instance_of,
         problems: Vec::new(),
         repeated: 0,
+        trimmed,
+        begin_after_retention: 0,
     };
     for (i, r) in records.iter().enumerate() {
         if !intact[i] {
@@ -613,6 +632,8 @@ pub fn verify(records: &[AuditRecord]) -> VerifyReport {
         instances: ids.len(),
         records: records.len(),
         repeated: found.repeated,
+        begin_after_retention: found.begin_after_retention,
+        retained_from: None,
         problems: problems.into_iter().map(|(_, p)| p).collect(),
     }
 }
@@ -622,6 +643,8 @@ struct Findings<'a> {
     instance_of: &'a [usize],
     problems: Vec<(usize, Problem)>,
     repeated: usize,
+    trimmed: bool,
+    begin_after_retention: usize,
 }
 
 impl Findings<'_> {
@@ -672,7 +695,10 @@ fn check_chain(chain: &[usize], intact: &[bool], repeat: &mut [bool], found: &mu
             continue;
         }
         let expected = before.map_or(1, |b| b.seq + 1);
-        if r.seq > expected {
+        if r.seq > expected && before.is_none() && found.trimmed {
+            // Its first records left with the stream's oldest messages.
+            found.begin_after_retention += 1;
+        } else if r.seq > expected {
             let missing = if r.seq - 1 == expected {
                 format!("record {expected} is missing")
             } else {
@@ -919,6 +945,23 @@ mod tests {
             only_message(&records),
             "record 3 arrived after record 4: the records are out of order"
         );
+    }
+
+    #[test]
+    fn a_chain_that_begins_after_the_streams_retention_is_counted() {
+        let records = chain_for("4711", 5).split_off(2);
+        let report = verify_retained(&records, true);
+        assert!(report.is_ok(), "{:?}", report.problems);
+        assert_eq!(report.begin_after_retention, 1);
+        // Without limits that removed anything, the same is a deletion.
+        assert_eq!(problems(&records), [(1, ProblemKind::Missing)]);
+        // A gap inside a chain is reported either way.
+        let mut records = chain_for("4711", 5).split_off(1);
+        records.remove(1);
+        let report = verify_retained(&records, true);
+        assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+        assert_eq!(report.problems[0].kind, ProblemKind::Missing);
+        assert_eq!(report.problems[0].seq, 3);
     }
 
     #[test]

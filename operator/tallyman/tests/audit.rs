@@ -164,6 +164,43 @@ async fn a_batch_stored_again_after_the_duplicate_window_still_verifies() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
 }
 
+/// An audit stream given limits that removed its oldest message: the
+/// chain that began there is counted as retention, not reported, and the
+/// output says what retention hides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_whose_start_the_streams_limits_removed_still_verifies() {
+    let (nats, js) = small_run().await;
+    let messages = audit_messages(&js).await;
+    let (first_seq, first) = messages[0].clone();
+    let key = first[0]["key"].as_str().unwrap().to_string();
+    assert!(
+        messages[1..]
+            .iter()
+            .any(|(_, r)| r.iter().any(|x| x["key"] == key)),
+        "{key} has records after the first message"
+    );
+    let mut stream = js.get_stream(AUDIT_STREAM).await.unwrap();
+    let mut config = stream.info().await.unwrap().config.clone();
+    config.max_messages = messages.len() as i64 - 1;
+    js.update_stream(config).await.unwrap();
+    let after = stream.info().await.unwrap().state.first_sequence;
+    assert_eq!(after, first_seq + 1, "the oldest message left");
+
+    let out = verify(&nats, false);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let said = text(&out);
+    assert!(
+        said.contains(&format!(
+            "the audit stream's limits removed its messages before {after}: 1 instances' chains begin after records that left with them"
+        )),
+        "{said}"
+    );
+    assert!(said.contains("every chain verifies"), "{said}");
+    let json = report(&nats);
+    assert_eq!(json["beginAfterRetention"], 1);
+    assert_eq!(json["retainedFrom"], after);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_intact_trail_verifies_and_a_removed_record_is_named() {
     let (nats, js) = small_run().await;

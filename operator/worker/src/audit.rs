@@ -27,6 +27,10 @@ pub struct Trail {
     /// first: it was deleted and made again, and every record from before
     /// is gone. `(first, this one)`, in nanoseconds since the epoch.
     pub recreated: Option<(i128, i128)>,
+    /// The stream has limits (age, count or size) and they removed its
+    /// oldest messages: it now begins at this stream sequence. Chains that
+    /// began before it lost their first records by retention.
+    pub retained_from: Option<u64>,
 }
 
 /// The audit records of a namespace (or of one workflow), in stream order.
@@ -58,7 +62,11 @@ pub async fn read(
     } else {
         info.state.first_sequence
     };
-    let mut trail = Trail::default();
+    let mut trail = Trail {
+        retained_from: (!unlimited && info.state.first_sequence > 1)
+            .then_some(info.state.first_sequence),
+        ..Trail::default()
+    };
     let created = info.created.unix_timestamp_nanos();
     // Absent where the stream predates the record of its creation.
     if let Ok(counts) = js.get_key_value(names.counts_bucket()).await

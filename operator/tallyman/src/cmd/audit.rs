@@ -46,7 +46,8 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             .await?;
         let trail =
             tallyman_worker::audit::read(client, &args.namespace, args.workflow.as_deref()).await?;
-        let mut report = audit::verify(&trail.records);
+        let mut report = audit::verify_retained(&trail.records, trail.retained_from.is_some());
+        report.retained_from = trail.retained_from;
         for gone in &trail.removed {
             let (first, last) = (*gone.start(), *gone.end());
             report.problems.push(Problem {
@@ -99,6 +100,12 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             Output::Text => {
                 for p in &report.problems {
                     println!("{p}");
+                }
+                if let Some(first) = trail.retained_from {
+                    println!(
+                        "the audit stream's limits removed its messages before {first}: {} instances' chains begin after records that left with them (retention cannot be told from removal there)",
+                        report.begin_after_retention
+                    );
                 }
                 let repeated = match report.repeated {
                     0 => String::new(),
