@@ -121,6 +121,33 @@ async fn children_are_created_as_specified() {
         consumer.config.filter_subjects.len(),
         wf.spec.trigger.events.len()
     );
+    // It starts at the Workflow's creation: one deleted and created again
+    // under this name does not replay the namespace's history, and the
+    // workers are told the same.
+    let created = wf.metadata.creation_timestamp.clone().unwrap().0;
+    assert!(
+        matches!(
+            consumer.config.deliver_policy,
+            async_nats::jetstream::consumer::DeliverPolicy::ByStartTime { start_time }
+                if start_time.unix_timestamp() == created.as_second()
+        ),
+        "{:?}",
+        consumer.config.deliver_policy
+    );
+    let deployment = child(&env, "apps/v1", "deployments", "shipment-to-invoice-worker").unwrap();
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    let args: Vec<&str> = args
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| *a == "--events-since")
+        .expect("{args:?}");
+    let since = chrono::DateTime::parse_from_rfc3339(args[at + 1]).unwrap();
+    assert_eq!(since.timestamp(), created.as_second());
     env.js
         .get_key_value(names.instances_bucket())
         .await

@@ -48,6 +48,12 @@ pub struct WorkerConfig {
     /// Memory for running instances held between their inputs (estimated;
     /// see [`crate::held`]).
     pub instance_cache_bytes: usize,
+    /// Where the workflow's event consumer starts when it is created: at
+    /// the first event published at or after this time (the operator passes
+    /// the Workflow's creation time, so a Workflow deleted and created
+    /// again does not replay the namespace's history). `None`: every event
+    /// the stream holds.
+    pub events_since: Option<DateTime<Utc>>,
 }
 
 /// Where a worker keeps its exception cases.
@@ -225,6 +231,7 @@ impl Worker {
             &compiled.def.spec.trigger.events,
             (config.max_in_flight as i64 * 4).max(1024),
             config.ack_wait,
+            config.events_since,
         )
         .await?;
         let definition =

@@ -117,7 +117,17 @@ pub async fn ensure(
     trigger_events: &[String],
     max_ack_pending: i64,
     ack_wait: Duration,
+    events_since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> Result<Handles, Error> {
+    let deliver_policy = match events_since {
+        None => consumer::DeliverPolicy::All,
+        Some(since) => consumer::DeliverPolicy::ByStartTime {
+            start_time: async_nats::datetime::from_nanos(
+                since.timestamp_nanos_opt().unwrap_or(i64::MAX).into(),
+            )
+            .map_err(|e| Error::Setup(format!("events since {since}: {e}")))?,
+        },
+    };
     let Namespace {
         events: events_stream,
         counts,
@@ -136,6 +146,7 @@ pub async fn ensure(
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait,
                 max_ack_pending,
+                deliver_policy,
                 ..Default::default()
             },
         )

@@ -555,6 +555,60 @@ async fn an_sla_armed_again_after_a_shorter_wait_fired_still_fires() {
     run.shutdown().await;
 }
 
+/// A workflow created after events were published (as a Workflow deleted
+/// and created again under its name is) starts at its creation: the
+/// earlier events are not replayed into new instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_starts_at_the_events_published_since_it_was_created() {
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    // The namespace's history, from before.
+    let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    first.shutdown().await;
+    seed_order(&env.erp, "OLD", 5, "0.10");
+    publish(&js, NS, "order.created", "o-old", &order_data("OLD")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-old",
+        &shipment_data("OLD", 5),
+    )
+    .await;
+    // The workflow's consumer is made afresh (as after a delete).
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    js.delete_consumer_from_stream(names.events_consumer(), names.events_stream())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let since = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.events_since = Some(since),
+    )
+    .await;
+    seed_order(&env.erp, "NEW", 5, "0.10");
+    publish(&js, NS, "order.created", "o-new", &order_data("NEW")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-new",
+        &shipment_data("NEW", 5),
+    )
+    .await;
+    wait_status(&run, "NEW", Status::Completed).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(run.worker.instance("OLD").await.unwrap().is_none());
+    assert_eq!(env.erp.invoice_count(), 1);
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;

@@ -160,6 +160,15 @@ pub fn build(
     if let Some(mib) = instance_cache_mib(wf) {
         args.extend(["--instance-cache-mib".into(), mib.to_string()]);
     }
+    // The Workflow's own events: a Workflow deleted and created again
+    // under this name starts from its new creation, not from the
+    // namespace's history (its instances were removed with it).
+    if let Some(since) = events_since(wf) {
+        args.extend([
+            "--events-since".into(),
+            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ]);
+    }
     let mut container = pods::container("worker", args, settings);
     container.resources = wf.spec.workers.resources.clone();
     container.volume_mounts = Some(mounts);
@@ -211,6 +220,14 @@ pub fn build(
 /// With a memory limit on the worker container, half of it for the
 /// running instances a worker holds between their inputs (the worker's
 /// own default otherwise).
+/// Where the Workflow's event consumer starts when it is created: its own
+/// creation, so events published before it (a Workflow of the same name
+/// deleted earlier, whose instances went with it) are not replayed.
+pub fn events_since(wf: &Workflow) -> Option<chrono::DateTime<chrono::Utc>> {
+    let created = wf.metadata.creation_timestamp.as_ref()?;
+    chrono::DateTime::from_timestamp(created.0.as_second(), 0)
+}
+
 fn instance_cache_mib(wf: &Workflow) -> Option<u64> {
     let limit = wf
         .spec

@@ -19,7 +19,11 @@ fn max_ack_pending(def: &Definition) -> i64 {
 
 /// Ensure the streams, consumers and buckets; a changed `trigger.events`
 /// updates the events consumer's filter, which the workers do not do.
-pub async fn ensure(js: &jetstream::Context, def: &Definition) -> Result<(), String> {
+pub async fn ensure(
+    js: &jetstream::Context,
+    def: &Definition,
+    events_since: Option<chrono::DateTime<chrono::Utc>>,
+) -> Result<(), String> {
     let names = Names::new(&def.namespace, &def.workflow);
     let handles = tallyman_worker::setup::ensure(
         js,
@@ -27,6 +31,7 @@ pub async fn ensure(js: &jetstream::Context, def: &Definition) -> Result<(), Str
         &def.spec.trigger.events,
         max_ack_pending(def),
         tallyman_worker::ACK_WAIT,
+        events_since,
     )
     .await
     .map_err(|e| e.to_string())?;

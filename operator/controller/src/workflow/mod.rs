@@ -93,7 +93,7 @@ async fn apply(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
     let secrets = crate::pods::secret_keys(&ctx.settings.pod_nats, def.connectors.values());
     let secrets = crate::pods::secrets_seen(&ctx.client, &ns, &secrets).await?;
     let children = build::build(wf, &def, &ctx.settings, &secrets.hash)?;
-    jetstream::ensure(&ctx.jetstream, &def)
+    jetstream::ensure(&ctx.jetstream, &def, build::events_since(wf))
         .await
         .map_err(|message| Error::JetStream {
             what: format!("Workflow {ns}/{name}"),

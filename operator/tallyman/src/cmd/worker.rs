@@ -62,6 +62,11 @@ pub struct Args {
     /// How long before an unacknowledged message goes to another replica (e.g. 30s).
     #[arg(long, default_value = "30s")]
     ack_wait: tallyman_api::v1alpha1::Duration,
+    /// When the workflow's event consumer is first created, start it at the
+    /// events published since this time (RFC 3339) instead of every event
+    /// the stream holds; the operator passes the Workflow's creation time.
+    #[arg(long, value_name = "TIME")]
+    events_since: Option<chrono::DateTime<chrono::Utc>>,
     /// Where exception cases live: `jetstream` (a KV bucket; no cluster
     /// needed) or `kubernetes` (ExceptionCases in the Workflow's namespace,
     /// decided with `kubectl tallyman`; the in-cluster or kubeconfig
@@ -203,6 +208,7 @@ async fn start(
         ack_wait: args.ack_wait.as_std(),
         cases,
         instance_cache_bytes: args.instance_cache_mib.saturating_mul(1 << 20),
+        events_since: args.events_since,
     })
     .await?;
     Ok((worker, http))

@@ -99,6 +99,7 @@ pub async fn start_tuned(
         ack_wait: tallyman_worker::ACK_WAIT,
         cases: tallyman_worker::CaseBackend::JetStream,
         instance_cache_bytes: tallyman_worker::held::DEFAULT_BUDGET,
+        events_since: None,
     };
     tune(&mut config);
     let worker = Worker::new(config).await.expect("worker starts");

@@ -181,6 +181,7 @@ async fn serve(
             ack_wait: ACK_WAIT,
             cases: tallyman_worker::CaseBackend::JetStream,
             instance_cache_bytes: tallyman_worker::held::DEFAULT_BUDGET,
+            events_since: None,
         })
         .await
         .with_context(|| format!("failed to start the worker of {}/{}", r.namespace, r.name))?;
