@@ -121,6 +121,8 @@ pub struct Worker {
     /// racing into a compare-and-set conflict (and repeating their calls).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_in_flight: usize,
+    /// How long the broker waits for an ack before redelivering.
+    ack_wait: Duration,
     /// What of `stats` is already added to the shared counters.
     flushed: tokio::sync::Mutex<Counts>,
     /// In a cluster: the Workflow whose `status.instances` the counters go to.
@@ -281,6 +283,7 @@ impl Worker {
             cache: Mutex::new(HeldInstances::new(config.instance_cache_bytes)),
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
+            ack_wait: config.ack_wait,
             flushed: tokio::sync::Mutex::new(Counts::default()),
             workflows,
             notices,
@@ -698,18 +701,45 @@ impl Worker {
             },
             inputs = inputs.len(),
         );
-        let result = async {
+        let work = async {
             let _serial = lock.lock().await;
             self.process_locked(key, &inputs, msgs, parsed).await
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let result = self.keep_alive(msgs, work).await;
         let mut locks = self.locks.lock().expect("locks lock");
         // The map and this function hold the only references: nobody waits.
         if Arc::strong_count(&lock) == 2 {
             locks.remove(key);
         }
         result
+    }
+
+    /// Run `work` for `msgs`, telling the broker they are in progress every
+    /// third of the ack wait: while they wait for their instance's lock
+    /// behind a slow call, or a call of theirs takes long, they are not
+    /// redelivered to another replica.
+    async fn keep_alive<T>(
+        &self,
+        msgs: &[Arc<jetstream::Message>],
+        work: impl std::future::Future<Output = T>,
+    ) -> T {
+        tokio::pin!(work);
+        if msgs.is_empty() {
+            return work.await;
+        }
+        let every = (self.ack_wait / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                _ = tokio::time::sleep(every) => {
+                    for m in msgs {
+                        let _ = m.ack_with(AckKind::Progress).await;
+                    }
+                }
+            }
+        }
     }
 
     async fn process_locked(

@@ -609,6 +609,53 @@ async fn a_workflow_starts_at_the_events_published_since_it_was_created() {
     run.shutdown().await;
 }
 
+/// Messages whose processing outlasts the ack wait (one slow ERP answer)
+/// are kept alive: the broker does not redeliver them to be processed a
+/// second time, here or on another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_slow_erp_keeps_busy_are_not_redelivered() {
+    let env = env("shipment-to-invoice").await;
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.ack_wait = Duration::from_secs(1),
+    )
+    .await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "SLOWERP", 5, "0.10");
+    env.erp.delay("/invoices", Duration::from_millis(2500));
+    publish(
+        &js,
+        NS,
+        "order.created",
+        "o-slowerp",
+        &order_data("SLOWERP"),
+    )
+    .await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-slowerp",
+        &shipment_data("SLOWERP", 5),
+    )
+    .await;
+    wait_status(&run, "SLOWERP", Status::Completed).await;
+    // A redelivery would arrive within another ack wait.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let stats = &run.worker.stats;
+    assert_eq!(
+        stats.events.load(Ordering::Relaxed),
+        2,
+        "each event delivered once"
+    );
+    assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0);
+    assert_eq!(env.erp.invoice_count(), 1);
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;
