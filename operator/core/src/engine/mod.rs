@@ -1096,7 +1096,8 @@ impl<'a> Machine<'a> {
         id_prefix(&self.def.def.namespace, &self.def.def.workflow, &inst.key)
     }
 
-    /// A DNS-subdomain name for a new case: workflow, key, step, counter.
+    /// A DNS-subdomain name for a new case: workflow, key, step, a hash of
+    /// the key and the instance's start, counter.
     fn case_name(&self, inst: &mut Instance) -> String {
         let n = inst.next_seq();
         let key: String = inst
@@ -1106,7 +1107,13 @@ impl<'a> Machine<'a> {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .take(40)
             .collect();
-        let hash = hex::encode(&Sha256::digest(inst.key.as_bytes())[..3]);
+        // The instance's start in the hash: an instance of the same key
+        // after its Workflow was deleted and created again (its instances
+        // gone, the namespace's cases kept) opens cases of its own instead
+        // of meeting the earlier instance's, decided long ago.
+        let hash = hex::encode(
+            &Sha256::digest(format!("{}/{}", inst.key, inst.started_ms).as_bytes())[..3],
+        );
         let name = format!(
             "{}-{}-{}-{hash}{n}",
             self.def.def.workflow,

@@ -365,6 +365,45 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
     assert!(emitted[0].1.contains(r#""skus":["B"]"#), "{}", emitted[0].1);
 }
 
+/// The case an instance opens, after `order.created` and a short shipment.
+fn variance_case(m: &Machine, inst: &mut Instance) -> CaseRequest {
+    m.apply(inst, order_created());
+    plan(m.apply(inst, shipment(5)));
+    let big = CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"currency": "EUR", "customerId": "C-1",
+                  "lines": [{"sku": "A", "qty": 2, "unitPrice": "19.99"}, {"sku": "B", "qty": 9, "unitPrice": "250.00"}]}"#
+            .into(),
+        attempts: 1,
+    };
+    m.apply(inst, Input::CallDone(big));
+    inst.outbox
+        .iter()
+        .find_map(|o| match o {
+            Outbound::OpenCase(c) => Some((**c).clone()),
+            _ => None,
+        })
+        .expect("a case opened")
+}
+
+#[test]
+fn a_case_name_is_the_instances_own() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    // The same instance, run again from its stored start: the same name.
+    let again = |started| variance_case(&m, &mut Instance::new("4711", &def.revision, started));
+    assert_eq!(again(1_000).name, again(1_000).name);
+    // An instance of the same key started later (its Workflow deleted and
+    // created again): a case of its own, not the earlier one's.
+    let (first, later) = (again(1_000).name, again(2_000).name);
+    assert_ne!(first, later);
+    assert!(
+        first.starts_with("shipment-to-invoice-4711-quantities-match-"),
+        "{first}"
+    );
+}
+
 #[test]
 fn a_missing_shipment_times_out_through_the_route() {
     let def = compiled("shipment-to-invoice");
