@@ -217,6 +217,28 @@ async fn a_400_is_rejected_after_one_attempt() {
 }
 
 #[tokio::test]
+async fn a_redirect_is_rejected_not_taken_for_an_answer() {
+    let api = serve(|_| Reply::status(302)).await;
+    let client = erp(&api.url(), fast_retries(5));
+    let err = client
+        .call(&CallRequest::new("createInvoice"), &|_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CallError::Rejected {
+                status: 302,
+                attempts: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(api.count(), 1);
+}
+
+#[tokio::test]
 async fn request_timeout_and_throttling_are_retried_other_4xx_are_not() {
     let api = serve(statuses(&[408, 429, 502])).await;
     let client = erp(&api.url(), fast_retries(5));

@@ -6,8 +6,8 @@
 //!   └─ attempt 1..=retry.maxAttempts ── backoff (full jitter, Retry-After floor) ──┐
 //!        auth header (static, or the cached OAuth2 token)                          │
 //!        token bucket (shared by every clone)                                      │
-//!        one exchange within spec.timeout ── 2xx/3xx → Response                    │
-//!                                         ── 4xx (not 408/429) → Rejected          │
+//!        one exchange within spec.timeout ── 2xx → Response                        │
+//!                                         ── 3xx, 4xx (not 408/429) → Rejected     │
 //!                                         ── 5xx, 408, 429, connect, timeout ──────┘
 //! ```
 //!
@@ -324,7 +324,10 @@ impl RestClient {
             }
 
             let failure = match self.attempt(http_req).await {
-                Ok((answer, _)) if answer.status.as_u16() < 400 => {
+                // Only a 2xx: redirects are not followed, and a 3xx (a
+                // login page, a moved API) did not do or answer what was
+                // asked. A lookup answered so must not read as "not there".
+                Ok((answer, _)) if answer.status.is_success() => {
                     return Ok(response(answer, attempts));
                 }
                 // The token may have been revoked early: one fresh token, once.
