@@ -40,6 +40,11 @@ pub enum Error {
     Publish(String),
     #[error("invalid definition: {0}")]
     Definition(String),
+    /// The instance these inputs make cannot be stored at all (larger than
+    /// the broker takes in one message): trying again changes nothing, so
+    /// the inputs are dead-lettered.
+    #[error("{0}")]
+    Unstorable(String),
 }
 
 /// Makes the REST calls of `call` steps. `heartbeat` keeps the message that

@@ -123,6 +123,9 @@ pub struct Worker {
     max_in_flight: usize,
     /// How long the broker waits for an ack before redelivering.
     ack_wait: Duration,
+    /// The largest instance the broker stores in one message (its
+    /// `max_payload`, less room for the subject and headers).
+    max_state: usize,
     /// What of `stats` is already added to the shared counters.
     flushed: tokio::sync::Mutex<Counts>,
     /// In a cluster: the Workflow whose `status.instances` the counters go to.
@@ -226,6 +229,10 @@ impl Worker {
         if config.clients.is_empty() {
             return Err(Error::Connect("no NATS connection given".into()));
         }
+        let max_state = config.clients[0]
+            .server_info()
+            .max_payload
+            .saturating_sub(4096);
         let js: Vec<_> = config.clients.into_iter().map(jetstream::new).collect();
         let handles = setup::ensure(
             &js[0],
@@ -284,6 +291,7 @@ impl Worker {
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
             ack_wait: config.ack_wait,
+            max_state,
             flushed: tokio::sync::Mutex::new(Counts::default()),
             workflows,
             notices,
@@ -610,6 +618,11 @@ impl Worker {
                     }
                 }
             }
+            Err(Error::Unstorable(reason)) => {
+                for msg in &msgs {
+                    self.poison(msg, &reason).await;
+                }
+            }
             Err(e) => {
                 warn!(key, error = %e, "events not processed; they will be redelivered");
                 for msg in &msgs {
@@ -913,6 +926,12 @@ impl Worker {
             let bytes =
                 Bytes::from(serde_json::to_vec(&inst).map_err(|e| Error::Store(e.to_string()))?);
             let stored = bytes.len();
+            if stored > self.max_state {
+                return Err(Error::Unstorable(format!(
+                    "instance {key} would be {stored} bytes, more than the broker stores in one message ({} bytes): a call's answer or an event is too large to keep",
+                    self.max_state
+                )));
+            }
             // Unread: revision 0 (no entry yet) fails at once when one
             // exists, where `create` would read it first to tell a deleted
             // entry from a live one.
@@ -1493,6 +1512,7 @@ impl Worker {
             Ok(()) => {
                 let _ = msg.ack().await;
             }
+            Err(Error::Unstorable(reason)) => self.poison(&msg, &reason).await,
             Err(e) => {
                 warn!(key = %timer.key, error = %e, "timer not processed; retrying");
                 let _ = msg

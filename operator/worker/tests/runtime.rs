@@ -656,6 +656,53 @@ async fn messages_a_slow_erp_keeps_busy_are_not_redelivered() {
     run.shutdown().await;
 }
 
+/// An instance that would outgrow what the broker stores in one message
+/// (here: an ERP answer over 1 MiB kept as the step's response) fails
+/// visibly: its events are dead-lettered, not redelivered and called
+/// again for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_too_large_to_store_is_dead_lettered_not_retried_for_ever() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    env.erp.seed_order(tallyman_testing::erp::Order {
+        order_id: "HUGE".into(),
+        customer_id: "C".repeat(1_200_000),
+        currency: "EUR".into(),
+        lines: vec![tallyman_testing::erp::OrderLine::new("A", 2, "19.99")],
+    });
+    publish(&js, NS, "order.created", "o-huge", &order_data("HUGE")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-huge",
+        &shipment_data("HUGE", 0),
+    )
+    .await;
+    // The events that brought the answer in (both, or the shipment alone
+    // when the order was stored before it came) are dead-lettered.
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "the events to be dead-lettered",
+        Duration::from_secs(15),
+        || stats.dead_letters.load(Ordering::Relaxed) >= 1,
+    )
+    .await;
+    let calls = env.erp.requests("/orders");
+    assert_eq!(calls, 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(env.erp.requests("/orders"), calls, "not called again");
+    let stored = run.worker.instance("HUGE").await.unwrap();
+    assert!(
+        stored
+            .as_ref()
+            .is_none_or(|i| i.status == Status::Running && i.step == 0),
+        "{stored:?}"
+    );
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;
