@@ -123,6 +123,9 @@ pub struct Machine<'a> {
     timings: std::cell::RefCell<Vec<(usize, std::time::Duration)>>,
     /// The maps of the variables bound last, see [`Machine::vars`].
     memo: std::cell::RefCell<VarsMemo>,
+    /// How often this machine entered each call step (by index): a `goTo`
+    /// loop through a call with no wait in it would call for ever.
+    call_entries: std::cell::RefCell<Vec<(usize, usize)>>,
 }
 
 /// An instance's event data, responses and variables parsed into the
@@ -177,6 +180,16 @@ fn cached(
 
 type Step<T> = Result<T, EvalError>;
 
+/// How many steps one input may run before the instance must wait: far
+/// more than any workflow's straight path (at most 100 steps), few enough
+/// to stop a loop in well under a second.
+pub const STEP_BUDGET: usize = 10_000;
+
+/// How often one commit may enter the same call step: once per input that
+/// let the instance go round a loop with a wait in it (at most 64 inputs
+/// are applied in one commit), more only in a loop with no wait at all.
+pub const CALL_BUDGET: usize = 100;
+
 impl<'a> Machine<'a> {
     pub fn new(def: &'a Compiled, now: DateTime<Utc>) -> Self {
         Self::with_values(def, now, Values::default())
@@ -198,6 +211,7 @@ impl<'a> Machine<'a> {
             cache: std::cell::RefCell::new(values),
             timings: Default::default(),
             memo: Default::default(),
+            call_entries: Default::default(),
         }
     }
 
@@ -530,12 +544,25 @@ impl<'a> Machine<'a> {
         );
     }
 
-    /// Run steps until the instance waits, needs a call, or ends.
+    /// Run steps until the instance waits, needs a call, or ends. A
+    /// `goTo` back to steps that complete at once (an `await` whose events
+    /// arrived already, a `check` that fails again) would run for ever: the
+    /// instance fails visibly after [`STEP_BUDGET`] steps without a wait.
     fn run(&self, inst: &mut Instance) -> Step<Next> {
+        let mut budget = STEP_BUDGET;
         loop {
             if !inst.is_running() || inst.wait.is_some() {
                 return Ok(Next::Idle);
             }
+            if budget == 0 {
+                return Err(EvalError {
+                    expression: format!("goTo {}", self.step_name(inst)),
+                    message: format!(
+                        "ran {STEP_BUDGET} steps without waiting for anything: a goTo loop whose steps complete at once"
+                    ),
+                });
+            }
+            budget -= 1;
             if inst.step >= self.def.steps.len() {
                 self.end(inst, EndState::Completed, String::new());
                 return Ok(Next::Idle);
@@ -565,6 +592,27 @@ impl<'a> Machine<'a> {
                     }
                 }
                 CKind::Call(call) => {
+                    let entered = {
+                        let mut entries = self.call_entries.borrow_mut();
+                        match entries.iter_mut().find(|(i, _)| *i == index) {
+                            Some((_, n)) => {
+                                *n += 1;
+                                *n
+                            }
+                            None => {
+                                entries.push((index, 1));
+                                1
+                            }
+                        }
+                    };
+                    if entered > CALL_BUDGET {
+                        return Err(EvalError {
+                            expression: format!("call {}", s.name),
+                            message: format!(
+                                "entered {CALL_BUDGET} times in one commit without waiting for anything: a goTo loop through a call"
+                            ),
+                        });
+                    }
                     return Ok(if call.lookup.is_some() {
                         Next::Lookup(self.plan(inst, call, true)?)
                     } else {

@@ -404,6 +404,62 @@ fn a_case_name_is_the_instances_own() {
     );
 }
 
+/// shipment-to-invoice with other steps.
+fn with_steps(steps: serde_json::Value) -> Compiled {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    let report = validate::validate_paths(&[dir]);
+    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    def.spec.steps = serde_json::from_value(steps).unwrap();
+    Compiled::new(def).unwrap()
+}
+
+fn failure(inst: &Instance) -> String {
+    assert_eq!(inst.status, Status::Failed, "{:?}", inst.outcome);
+    assert!(
+        inst.outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::DeadLetter { .. })),
+        "dead-lettered"
+    );
+    inst.outcome.clone().unwrap_or_default()
+}
+
+#[test]
+fn a_goto_loop_with_nothing_to_wait_for_fails_the_instance() {
+    // The awaited events arrived already, so the loop never waits.
+    let def = with_steps(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "never", "check": "false", "onFalse": {"goTo": "both"}},
+    ]));
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    assert_eq!(m.apply(&mut inst, shipment(5)), Next::Idle);
+    let why = failure(&inst);
+    assert!(why.contains("goTo loop"), "{why}");
+}
+
+#[test]
+fn a_goto_loop_through_a_call_stops_calling() {
+    let def = with_steps(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
+        {"name": "never", "check": "false", "onFalse": {"goTo": "order"}},
+    ]));
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    let mut next = m.apply(&mut inst, shipment(5));
+    let mut calls = 0;
+    while let Next::Call(_) = next {
+        calls += 1;
+        next = m.apply(&mut inst, Input::CallDone(erp_order()));
+    }
+    assert_eq!(calls, CALL_BUDGET);
+    let why = failure(&inst);
+    assert!(why.contains("goTo loop through a call"), "{why}");
+}
+
 #[test]
 fn a_missing_shipment_times_out_through_the_route() {
     let def = compiled("shipment-to-invoice");
