@@ -1009,7 +1009,7 @@ impl Worker {
     /// instance waits for its next input.
     async fn run_calls<'m>(
         &self,
-        machine: Machine<'m>,
+        mut machine: Machine<'m>,
         compiled: &Compiled,
         inst: &mut Instance,
         mut next: Next,
@@ -1030,10 +1030,12 @@ impl Worker {
                 Next::Call(plan) => match guard.take().filter(|(l, _)| l.step == plan.step) {
                     None => {
                         let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                        machine.set_now(Utc::now());
                         machine.apply(inst, Input::CallDone(result))
                     }
                     Some((lookup, attempts)) => {
                         let (result, retry_in) = self.timed_call(&plan, heartbeat, true).await;
+                        machine.set_now(Utc::now());
                         let attempts = attempts + 1;
                         let retry = compiled
                             .def
@@ -1050,6 +1052,7 @@ impl Worker {
                                 heartbeat();
                                 let (found, _) =
                                     self.timed_call(&lookup, heartbeat, false).await;
+                                machine.set_now(Utc::now());
                                 guard = Some((lookup, attempts));
                                 machine.apply(inst, Input::LookupDone(found))
                             }
@@ -1069,6 +1072,7 @@ impl Worker {
                 },
                 Next::Lookup(plan) => {
                     let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                    machine.set_now(Utc::now());
                     guard = Some((plan, 0));
                     machine.apply(inst, Input::LookupDone(result))
                 }

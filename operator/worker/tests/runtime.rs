@@ -703,6 +703,53 @@ async fn an_instance_too_large_to_store_is_dead_lettered_not_retried_for_ever() 
     run.shutdown().await;
 }
 
+/// A timer set after a call counts from when the answer came: a slow ERP
+/// does not shorten the wait that follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_after_a_slow_call_counts_from_the_answer() {
+    let env = env("shipment-to-invoice").await;
+    let mut def = env.def.clone();
+    def.spec.steps = serde_json::from_value(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
+        {"name": "pause", "wait": {"for": "3s"}},
+    ]))
+    .unwrap();
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "LATE", 5, "0.10");
+    env.erp.delay("/orders", Duration::from_millis(1500));
+    let sent = chrono::Utc::now().timestamp_millis();
+    publish(&js, NS, "order.created", "o-late", &order_data("LATE")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-late",
+        &shipment_data("LATE", 5),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let due = loop {
+        let inst = run.worker.instance("LATE").await.unwrap();
+        if let Some(due) = inst.and_then(|i| (i.step == 2).then_some(i.wake_ms).flatten()) {
+            break due;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the instance never paused"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        due >= sent + 1500 + 3000,
+        "the pause ends {} ms after the events were sent, before the answer came + 3 s",
+        due - sent
+    );
+    wait_status(&run, "LATE", Status::Completed).await;
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;

@@ -233,6 +233,14 @@ impl<'a> Machine<'a> {
             .collect()
     }
 
+    /// The time from here on: a worker moves it past each call it made,
+    /// so what follows (timers, `now`, audit records) counts from when the
+    /// answer came, not from when the input did.
+    pub fn set_now(&mut self, now: DateTime<Utc>) {
+        self.now = now;
+        self.now_text = now.to_rfc3339_opts(SecondsFormat::Millis, true).into();
+    }
+
     fn now_ms(&self) -> i64 {
         self.now.timestamp_millis()
     }
