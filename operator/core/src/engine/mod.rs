@@ -457,6 +457,31 @@ impl<'a> Machine<'a> {
                 let CKind::Call(call) = &self.current(inst).kind else {
                     return Ok(Some(Next::Idle));
                 };
+                // An answer that is JSON the engine cannot read exactly (a
+                // number no 28-digit decimal holds) would be kept as text,
+                // and every field of it would read as false: "not there",
+                // and the call made again. It cannot answer instead.
+                let result = match result {
+                    CallResult::Response {
+                        status,
+                        ref body,
+                        attempts,
+                        ..
+                    } if looks_like_json(body) && json::parse_fast(body.as_bytes()).is_err() => {
+                        let why = json::parse_fast(body.as_bytes())
+                            .err()
+                            .map(|e| e.to_string())
+                            .unwrap_or_default();
+                        CallResult::Failed {
+                            message: format!(
+                                "its answer (HTTP {status}) is JSON that cannot be read exactly: {why}"
+                            ),
+                            status: None,
+                            attempts,
+                        }
+                    }
+                    other => other,
+                };
                 let found = match (&result, &call.lookup) {
                     (CallResult::Response { .. }, Some(lookup)) => {
                         let mut vars = self.vars(inst)?;
@@ -1313,6 +1338,11 @@ fn event_value(ev: &Event, data: Val) -> Val {
 
 /// `{status, headers, body}` in the shared form; a body that is not JSON
 /// stays a string.
+/// Whether a body is meant as a JSON object or array.
+fn looks_like_json(body: &str) -> bool {
+    matches!(body.trim_start().as_bytes().first(), Some(b'{' | b'['))
+}
+
 fn response_val(result: &CallResult) -> Val {
     let CallResult::Response {
         status,

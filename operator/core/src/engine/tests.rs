@@ -684,6 +684,24 @@ fn a_lookup_without_an_answer_fails_the_call_instead_of_repeating_it() {
     };
     let create = plan(m.apply(&mut inst, Input::LookupDone(not_there)));
     assert_eq!(create.action, "createCreditNote");
+
+    // The lookup answered with JSON holding a number no exact decimal
+    // holds: kept as text, its fields would read as false ("not there").
+    // It could not answer, so the call is not made.
+    let mut unreadable = inst.clone();
+    unreadable.outbox.clear();
+    let odd = CallResult::Response {
+        status: 200,
+        headers: BTreeMap::new(),
+        body: r#"{"externalReference": "rma-RMA-1", "residue": 1.4210854715202004e-14}"#.into(),
+        attempts: 1,
+    };
+    assert_eq!(m.apply(&mut unreadable, Input::LookupDone(odd)), Next::Idle);
+    assert!(
+        matches!(unreadable.wait, Some(Wait::FailedCall { .. })),
+        "{:?}",
+        unreadable.wait
+    );
 }
 
 /// A response as stored (JSON text) and as kept in memory: a body that is
