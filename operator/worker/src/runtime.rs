@@ -1449,8 +1449,12 @@ impl Worker {
         if due_ms <= now + 1000 {
             return (Some(self.names.timers_due_subject()), None);
         }
+        // RFC 3339 ends at year 9999: a timer further out (a duration too
+        // long to mean anything) is scheduled there.
+        let last = DateTime::<Utc>::from_timestamp(253_402_300_799, 0).expect("9999-12-31");
         let at = DateTime::<Utc>::from_timestamp_millis(due_ms)
-            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            .unwrap_or(last)
+            .min(last)
             .to_rfc3339_opts(SecondsFormat::Secs, true);
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Schedule", format!("@at {at}").as_str());

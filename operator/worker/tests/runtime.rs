@@ -750,6 +750,50 @@ async fn a_wait_after_a_slow_call_counts_from_the_answer() {
     run.shutdown().await;
 }
 
+/// A wait too long to mean anything is scheduled at the end of what the
+/// broker's schedules can name (year 9999), and the commit's messages are
+/// acknowledged: not a schedule the broker refuses, redelivered for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_too_long_to_count_is_scheduled_not_refused() {
+    let env = env("shipment-to-invoice").await;
+    let mut def = env.def.clone();
+    def.spec.sla = None;
+    def.spec.steps = serde_json::from_value(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "pause", "wait": {"for": "3000000000000h"}},
+    ]))
+    .unwrap();
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish(&js, NS, "order.created", "o-far", &order_data("FAR")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-far",
+        &shipment_data("FAR", 5),
+    )
+    .await;
+    eventually("the instance to pause", Duration::from_secs(10), || {
+        let worker = run.worker.clone();
+        async move {
+            worker
+                .instance("FAR")
+                .await
+                .unwrap()
+                .is_some_and(|i| i.step == 1)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        run.worker.stats.events.load(Ordering::Relaxed),
+        2,
+        "acknowledged, not redelivered"
+    );
+    run.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;

@@ -241,6 +241,14 @@ impl<'a> Machine<'a> {
         self.now_text = now.to_rfc3339_opts(SecondsFormat::Millis, true).into();
     }
 
+    /// `millis` from now, in epoch milliseconds; a duration too long to
+    /// count (the schema takes any number of hours) is as far as it goes,
+    /// not a wrap into the past that would fire at once.
+    fn after(&self, millis: u128) -> i64 {
+        self.now_ms()
+            .saturating_add(i64::try_from(millis).unwrap_or(i64::MAX))
+    }
+
     fn now_ms(&self) -> i64 {
         self.now.timestamp_millis()
     }
@@ -337,7 +345,7 @@ impl<'a> Machine<'a> {
             serde_json::json!({}),
         );
         if let Some(sla) = self.def.sla {
-            let due = self.now_ms() + sla.as_millis() as i64;
+            let due = self.after(sla.as_millis());
             let token = self.timer(inst, due);
             inst.sla_due_ms = Some(due);
             inst.sla_timer = Some(token);
@@ -619,8 +627,7 @@ impl<'a> Machine<'a> {
                     if self.awaited_present(inst) {
                         self.complete_step(inst, serde_json::json!({}));
                     } else {
-                        let timer =
-                            timeout.map(|t| self.timer(inst, self.now_ms() + t.as_millis() as i64));
+                        let timer = timeout.map(|t| self.timer(inst, self.after(t.as_millis())));
                         inst.wait = Some(Wait::Events { timer });
                     }
                 }
@@ -697,7 +704,7 @@ impl<'a> Machine<'a> {
                 }
                 CKind::Wait { for_, until } => {
                     let due = match (for_, until) {
-                        (Some(d), _) => self.now_ms() + d.as_millis() as i64,
+                        (Some(d), _) => self.after(d.as_millis()),
                         (None, Some(u)) => match u.eval(&self.vars(inst)?)? {
                             Value::Timestamp(t) => t.timestamp_millis(),
                             other => {

@@ -461,6 +461,25 @@ fn a_goto_loop_through_a_call_stops_calling() {
 }
 
 #[test]
+fn a_wait_too_long_to_count_waits_instead_of_firing_at_once() {
+    // 3e12 hours in milliseconds passes i64: it used to wrap into the past.
+    let def = with_steps(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "pause", "wait": {"for": "3000000000000h"}},
+    ]));
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    assert_eq!(m.apply(&mut inst, shipment(5)), Next::Idle);
+    assert_eq!(inst.status, Status::Running);
+    assert_eq!(inst.step, 1, "still pausing");
+    assert!(
+        inst.wake_ms
+            .is_some_and(|due| due > t0().timestamp_millis())
+    );
+}
+
+#[test]
 fn a_missing_shipment_times_out_through_the_route() {
     let def = compiled("shipment-to-invoice");
     let m = Machine::new(&def, t0());
