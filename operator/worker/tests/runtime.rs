@@ -794,6 +794,39 @@ async fn a_wait_too_long_to_count_is_scheduled_not_refused() {
     run.shutdown().await;
 }
 
+/// A goTo loop with nothing to wait for ends the instance Failed, stored
+/// with the audit records of the steps it ran, and frees the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goto_loop_fails_its_instance_and_the_failure_is_stored() {
+    let env = env("shipment-to-invoice").await;
+    let mut def = env.def.clone();
+    def.spec.steps = serde_json::from_value(serde_json::json!([
+        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+        {"name": "never", "check": "false", "onFalse": {"goTo": "both"}},
+    ]))
+    .unwrap();
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish(&js, NS, "order.created", "o-loop", &order_data("LOOP")).await;
+    publish(
+        &js,
+        NS,
+        "shipment.confirmed",
+        "s-loop",
+        &shipment_data("LOOP", 5),
+    )
+    .await;
+    wait_status(&run, "LOOP", Status::Failed).await;
+    let inst = run.worker.instance("LOOP").await.unwrap().unwrap();
+    assert!(
+        inst.outcome.as_deref().unwrap_or("").contains("goTo loop"),
+        "{:?}",
+        inst.outcome
+    );
+    run.shutdown().await;
+    assert!(verified_trail(&env.nats.url(), NS).await.is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erp_that_fails_and_throttles_still_gets_one_invoice() {
     let env = env("shipment-to-invoice").await;

@@ -180,10 +180,11 @@ fn cached(
 
 type Step<T> = Result<T, EvalError>;
 
-/// How many steps one input may run before the instance must wait: far
-/// more than any workflow's straight path (at most 100 steps), few enough
-/// to stop a loop in well under a second.
-pub const STEP_BUDGET: usize = 10_000;
+/// How many steps one input may run before the instance must wait: three
+/// times the longest straight path (a workflow has at most 100 steps), few
+/// enough that the failed instance, with the audit records of every step
+/// it ran, still fits one broker message.
+pub const STEP_BUDGET: usize = 300;
 
 /// How often one commit may enter the same call step: once per input that
 /// let the instance go round a loop with a wait in it (at most 64 inputs
