@@ -283,6 +283,41 @@ async fn oauth2_token_is_refetched_once_after_a_401() {
 }
 
 #[tokio::test]
+async fn callers_behind_a_failing_token_fetch_share_its_answer() {
+    // A token endpoint that takes 300 ms to say it is unavailable.
+    let idp = serve(|_| Reply::status(503).after(Duration::from_millis(300))).await;
+    let api = serve(|_| Reply::json(200, "{}")).await;
+    let client = RestClient::new(
+        "erp",
+        &oauth2_spec(&api.url(), &idp.url()),
+        &oauth2_secrets(),
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let client = client.clone();
+        calls.spawn(async move { client.call(&get_order(), &|_, _| {}).await });
+    }
+    while let Some(result) = calls.join_next().await {
+        assert!(result.unwrap().is_err());
+    }
+    // One fetch answered all eight, instead of eight fetches in turn.
+    assert_eq!(idp.count(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(api.count(), 0);
+
+    // After the cool-down the next caller asks again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(client.call(&get_order(), &|_, _| {}).await.is_err());
+    assert_eq!(idp.count(), 2);
+}
+
+#[tokio::test]
 async fn a_refusing_token_endpoint_is_an_auth_error_without_calling_the_api() {
     let idp = serve(token_endpoint(3600)).await;
     let api = serve(|_| Reply::json(200, "{}")).await;

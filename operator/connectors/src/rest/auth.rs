@@ -115,7 +115,15 @@ pub(crate) struct OAuth2 {
     client_auth: HeaderValue,
     form: Bytes,
     cached: Mutex<Option<Token>>,
+    /// The last fetch that failed for a moment, and why: callers queued
+    /// behind it do not each ask the token endpoint again, one timeout
+    /// after another, but share its answer for [`FETCH_COOL_DOWN`].
+    failed: std::sync::Mutex<Option<(Instant, String)>>,
 }
+
+/// How long a token fetch that failed for a moment answers for the
+/// callers behind it.
+const FETCH_COOL_DOWN: Duration = Duration::from_secs(1);
 
 #[derive(Clone)]
 struct Token {
@@ -161,6 +169,7 @@ impl OAuth2 {
             client_auth,
             form: Bytes::from(form.finish()),
             cached: Mutex::new(None),
+            failed: std::sync::Mutex::new(None),
         })
     }
 
@@ -177,10 +186,31 @@ impl OAuth2 {
             return Ok((t.header.clone(), TokenSerial(t.serial)));
         }
         let serial = cached.as_ref().map_or(1, |t| t.serial + 1);
-        match self.fetch(http, user_agent, timeout, serial).await {
+        let recent = self
+            .failed
+            .lock()
+            .expect("failed lock")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < FETCH_COOL_DOWN)
+            .map(|(_, why)| why.clone());
+        let fetched = match recent {
+            Some(why) => Err(AuthError::Transient(why)),
+            None => self.fetch(http, user_agent, timeout, serial).await,
+        };
+        if let Err(AuthError::Transient(why)) = &fetched {
+            let mut failed = self.failed.lock().expect("failed lock");
+            if failed
+                .as_ref()
+                .is_none_or(|(at, _)| at.elapsed() >= FETCH_COOL_DOWN)
+            {
+                *failed = Some((Instant::now(), why.clone()));
+            }
+        }
+        match fetched {
             Ok(token) => {
                 let out = (token.header.clone(), TokenSerial(token.serial));
                 *cached = Some(token);
+                *self.failed.lock().expect("failed lock") = None;
                 Ok(out)
             }
             // A token due for refresh but not yet expired still serves while
