@@ -85,21 +85,19 @@ impl Caller for RestCaller {
     fn call<'a>(
         &'a self,
         plan: &'a CallPlan,
-        heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = CallResult> + Send + 'a>> {
         Box::pin(async move {
             let client = match self.client(plan) {
                 Ok(c) => c,
                 Err(failed) => return failed,
             };
-            result(client.call(&request(plan), &|_, _| heartbeat()).await)
+            result(client.call(&request(plan), &|_, _| {}).await)
         })
     }
 
     fn call_once<'a>(
         &'a self,
         plan: &'a CallPlan,
-        heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = (CallResult, Option<Duration>)> + Send + 'a>> {
         Box::pin(async move {
             let client = match self.client(plan) {
@@ -111,7 +109,6 @@ impl Caller for RestCaller {
             let retry = Mutex::new(None);
             let retrying = Notify::new();
             let on_retry = |_: u32, wait: Duration| {
-                heartbeat();
                 *retry.lock().expect("retry lock") = Some(wait);
                 retrying.notify_one();
             };

@@ -47,13 +47,12 @@ pub enum Error {
     Unstorable(String),
 }
 
-/// Makes the REST calls of `call` steps. `heartbeat` keeps the message that
-/// caused the call alive while retries wait.
+/// Makes the REST calls of `call` steps. The messages that caused a call
+/// are kept alive by the worker while it runs (`Worker::keep_alive`).
 pub trait Caller: Send + Sync {
     fn call<'a>(
         &'a self,
         plan: &'a CallPlan,
-        heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = CallResult> + Send + 'a>>;
 
     /// One attempt, no retries: for a call guarded by a `lookup`, which must
@@ -64,8 +63,7 @@ pub trait Caller: Send + Sync {
     fn call_once<'a>(
         &'a self,
         plan: &'a CallPlan,
-        heartbeat: &'a (dyn Fn() + Send + Sync),
     ) -> Pin<Box<dyn Future<Output = (CallResult, Option<std::time::Duration>)> + Send + 'a>> {
-        Box::pin(async move { (self.call(plan, heartbeat).await, None) })
+        Box::pin(async move { (self.call(plan).await, None) })
     }
 }

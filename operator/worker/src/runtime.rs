@@ -716,7 +716,7 @@ impl Worker {
         );
         let work = async {
             let _serial = lock.lock().await;
-            self.process_locked(key, &inputs, msgs, parsed).await
+            self.process_locked(key, &inputs, parsed).await
         }
         .instrument(span);
         let result = self.keep_alive(msgs, work).await;
@@ -759,7 +759,6 @@ impl Worker {
         &self,
         key: &str,
         inputs: &[Input],
-        msgs: &[Arc<jetstream::Message>],
         mut parsed: Values,
     ) -> Result<(), Error> {
         let Some(first_input) = inputs.first() else {
@@ -772,18 +771,6 @@ impl Worker {
         // the new instance idle, so nothing is called on that assumption; a
         // conflict reads the stored instance and runs the event again.
         let mut assume_new = inputs.len() == 1 && matches!(first_input, Input::Event(_));
-        // Calls and their retries keep the messages they serve alive.
-        let heartbeat = {
-            let msgs = msgs.to_vec();
-            move || {
-                for m in &msgs {
-                    let m = Arc::clone(m);
-                    tokio::spawn(async move {
-                        let _ = m.ack_with(AckKind::Progress).await;
-                    });
-                }
-            }
-        };
         for _ in 0..CAS_ATTEMPTS {
             // Taken out, not copied: the instance lock keeps every other
             // message for this key waiting until it is put back.
@@ -891,14 +878,7 @@ impl Worker {
                     unconfirmed = false;
                 }
                 machine = self
-                    .run_calls(
-                        machine,
-                        &compiled,
-                        &mut inst,
-                        next,
-                        &heartbeat,
-                        &mut call_steps,
-                    )
+                    .run_calls(machine, &compiled, &mut inst, next, &mut call_steps)
                     .await;
             }
             if stale {
@@ -1013,7 +993,6 @@ impl Worker {
         compiled: &Compiled,
         inst: &mut Instance,
         mut next: Next,
-        heartbeat: &(dyn Fn() + Send + Sync),
         call_steps: &mut Vec<(String, Duration)>,
     ) -> Machine<'m> {
         // The lookup guarding the call about to be made, and the
@@ -1029,12 +1008,12 @@ impl Worker {
                 Next::Idle => break,
                 Next::Call(plan) => match guard.take().filter(|(l, _)| l.step == plan.step) {
                     None => {
-                        let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                        let (result, _) = self.timed_call(&plan, false).await;
                         machine.set_now(Utc::now());
                         machine.apply(inst, Input::CallDone(result))
                     }
                     Some((lookup, attempts)) => {
-                        let (result, retry_in) = self.timed_call(&plan, heartbeat, true).await;
+                        let (result, retry_in) = self.timed_call(&plan, true).await;
                         machine.set_now(Utc::now());
                         let attempts = attempts + 1;
                         let retry = compiled
@@ -1046,12 +1025,10 @@ impl Worker {
                             .unwrap_or_default();
                         match retry_in {
                             Some(wait) if attempts < retry.max_attempts => {
-                                heartbeat();
                                 let wait = backoff(wait, attempts, retry.max_backoff.as_std());
                                 tokio::time::sleep(wait).await;
-                                heartbeat();
                                 let (found, _) =
-                                    self.timed_call(&lookup, heartbeat, false).await;
+                                    self.timed_call(&lookup, false).await;
                                 machine.set_now(Utc::now());
                                 guard = Some((lookup, attempts));
                                 machine.apply(inst, Input::LookupDone(found))
@@ -1071,7 +1048,7 @@ impl Worker {
                     }
                 },
                 Next::Lookup(plan) => {
-                    let (result, _) = self.timed_call(&plan, heartbeat, false).await;
+                    let (result, _) = self.timed_call(&plan, false).await;
                     machine.set_now(Utc::now());
                     guard = Some((plan, 0));
                     machine.apply(inst, Input::LookupDone(result))
@@ -1143,17 +1120,12 @@ impl Worker {
 
     /// One call, timed for `tallyman_worker_call_duration_seconds`; `once`:
     /// one attempt, see [`Caller::call_once`].
-    async fn timed_call(
-        &self,
-        plan: &CallPlan,
-        heartbeat: &(dyn Fn() + Send + Sync),
-        once: bool,
-    ) -> (CallResult, Option<Duration>) {
+    async fn timed_call(&self, plan: &CallPlan, once: bool) -> (CallResult, Option<Duration>) {
         let started = std::time::Instant::now();
         let (result, retry_in) = if once {
-            self.caller.call_once(plan, heartbeat).await
+            self.caller.call_once(plan).await
         } else {
-            (self.caller.call(plan, heartbeat).await, None)
+            (self.caller.call(plan).await, None)
         };
         let (status_class, attempts) = match &result {
             CallResult::Response {
