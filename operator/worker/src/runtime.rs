@@ -886,12 +886,7 @@ impl Worker {
                 // loop stopped at the first call), so read the store and
                 // apply the inputs again.
                 assume_new = false;
-                self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                self.metrics
-                    .worker
-                    .cas_conflicts
-                    .get_or_create(&self.labels)
-                    .inc();
+                self.count_conflict();
                 debug!(key, "held instance is stale; reading it");
                 continue;
             }
@@ -966,12 +961,7 @@ impl Worker {
                 }
                 Err((true, _)) => {
                     assume_new = false;
-                    self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .worker
-                        .cas_conflicts
-                        .get_or_create(&self.labels)
-                        .inc();
+                    self.count_conflict();
                     debug!(key, "instance changed under us; retrying");
                     continue;
                 }
@@ -1078,6 +1068,16 @@ impl Worker {
             Ok(_) => Ok(None),
             Err(e) => Err(Error::Store(format!("failed to read instance {key}: {e}"))),
         }
+    }
+
+    /// Another replica wrote an instance this process was working on.
+    fn count_conflict(&self) {
+        self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .worker
+            .cas_conflicts
+            .get_or_create(&self.labels)
+            .inc();
     }
 
     /// The revision the store holds for an instance now; `None` when it

@@ -470,26 +470,26 @@ impl<'a> Machine<'a> {
                 // number no 28-digit decimal holds) would be kept as text,
                 // and every field of it would read as false: "not there",
                 // and the call made again. It cannot answer instead.
-                let result = match result {
-                    CallResult::Response {
-                        status,
-                        ref body,
-                        attempts,
-                        ..
-                    } if looks_like_json(body) && json::parse_fast(body.as_bytes()).is_err() => {
-                        let why = json::parse_fast(body.as_bytes())
-                            .err()
-                            .map(|e| e.to_string())
-                            .unwrap_or_default();
-                        CallResult::Failed {
-                            message: format!(
-                                "its answer (HTTP {status}) is JSON that cannot be read exactly: {why}"
-                            ),
-                            status: None,
-                            attempts,
-                        }
+                let unreadable = match &result {
+                    CallResult::Response { body, .. } if looks_like_json(body) => {
+                        json::parse_fast(body.as_bytes()).err()
                     }
-                    other => other,
+                    _ => None,
+                };
+                let result = match (result, unreadable) {
+                    (
+                        CallResult::Response {
+                            status, attempts, ..
+                        },
+                        Some(why),
+                    ) => CallResult::Failed {
+                        message: format!(
+                            "its answer (HTTP {status}) is JSON that cannot be read exactly: {why}"
+                        ),
+                        status: None,
+                        attempts,
+                    },
+                    (result, _) => result,
                 };
                 let found = match (&result, &call.lookup) {
                     (CallResult::Response { .. }, Some(lookup)) => {
