@@ -323,6 +323,28 @@ pub fn scrape_annotations() -> BTreeMap<String, String> {
     ])
 }
 
+/// What the worker and gateway tests check of their disruption budget: one
+/// pod at a time, any pod that is not ready at any time, and the pods of
+/// `deployment`.
+#[cfg(test)]
+pub(crate) fn assert_drains_one_at_a_time(
+    pdb: &PodDisruptionBudget,
+    deployment: &k8s_openapi::api::apps::v1::Deployment,
+) {
+    let spec = pdb.spec.as_ref().unwrap();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    // Pods that are not ready may always be evicted: workers that all
+    // crash-loop must not block node drains.
+    assert_eq!(
+        spec.unhealthy_pod_eviction_policy.as_deref(),
+        Some("AlwaysAllow")
+    );
+    assert_eq!(
+        spec.selector.as_ref().unwrap().match_labels,
+        deployment.spec.as_ref().unwrap().selector.match_labels
+    );
+}
+
 /// What the worker and gateway tests check of a pod that connects to a
 /// secured NATS.
 #[cfg(test)]

@@ -67,6 +67,15 @@ async fn open_variance(env: &Env, run: &Running, order: &str) -> CaseRecord {
     case
 }
 
+/// The workflow's instances bucket as another process sees it, and the
+/// key instance `key` is stored under: to change it behind the worker.
+async fn stored_instance(env: &Env, key: &str) -> (async_nats::jetstream::kv::Store, String) {
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
+    (kv, tallyman_worker::names::kv_key(key))
+}
+
 async fn wait_state(cases: &dyn tallyman_worker::cases::CaseStore, name: &str, state: CaseState) {
     eventually(
         &format!("case {name} to become {state:?}"),
@@ -230,10 +239,7 @@ async fn a_resume_that_fails_for_a_moment_is_tried_again() {
     let env = env("shipment-to-invoice").await;
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let case = open_variance(&env, &run, "4726").await;
-    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
-    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
-    let key = tallyman_worker::names::kv_key("4726");
+    let (kv, key) = stored_instance(&env, "4726").await;
     let stored = kv.get(&key).await.unwrap().expect("the waiting instance");
     kv.put(&key, "not an instance".into()).await.unwrap();
 
@@ -272,10 +278,7 @@ async fn nothing_is_called_from_a_held_instance_the_store_moved_past() {
     let env = env("shipment-to-invoice").await;
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let case = open_variance(&env, &run, "4727").await;
-    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
-    let kv = js.get_key_value(names.instances_bucket()).await.unwrap();
-    let key = tallyman_worker::names::kv_key("4727");
+    let (kv, key) = stored_instance(&env, "4727").await;
     let mut ended: serde_json::Value =
         serde_json::from_slice(&kv.get(&key).await.unwrap().unwrap()).unwrap();
     ended["status"] = serde_json::json!("Rejected");

@@ -489,18 +489,19 @@ async fn an_sla_breach_is_recorded_and_counted_once() {
 async fn an_sla_armed_again_after_a_shorter_wait_fired_still_fires() {
     let env = env("shipment-to-invoice").await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    let mut def = env.def.clone();
+    let mut def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "ordered", "await": {"events": ["order.created"]}},
+            {"name": "shipped", "await": {"events": ["shipment.confirmed"]}},
+            {"name": "pause", "wait": {"for": "3s"}},
+            {"name": "cancelled", "await": {"events": ["order.cancelled"]}},
+        ]),
+    );
     // Both times later than a second ahead, so both are schedules (on the
     // instance's one schedule subject), not messages due at once.
     def.spec.sla.as_mut().unwrap().complete = "8s".parse().unwrap();
     def.spec.trigger.events.push("order.cancelled".into());
-    def.spec.steps = serde_json::from_value(serde_json::json!([
-        {"name": "ordered", "await": {"events": ["order.created"]}},
-        {"name": "shipped", "await": {"events": ["shipment.confirmed"]}},
-        {"name": "pause", "wait": {"for": "3s"}},
-        {"name": "cancelled", "await": {"events": ["order.cancelled"]}},
-    ]))
-    .unwrap();
     let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
     let run = start_tuned(
         &env.nats.url(),
@@ -566,15 +567,7 @@ async fn a_workflow_starts_at_the_events_published_since_it_was_created() {
     let first = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     first.shutdown().await;
     seed_order(&env.erp, "OLD", 5, "0.10");
-    publish(&js, NS, "order.created", "o-old", &order_data("OLD")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-old",
-        &shipment_data("OLD", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "OLD", 5).await;
     // The workflow's consumer is made afresh (as after a delete).
     let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
     js.delete_consumer_from_stream(names.events_consumer(), names.events_stream())
@@ -593,15 +586,7 @@ async fn a_workflow_starts_at_the_events_published_since_it_was_created() {
     )
     .await;
     seed_order(&env.erp, "NEW", 5, "0.10");
-    publish(&js, NS, "order.created", "o-new", &order_data("NEW")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-new",
-        &shipment_data("NEW", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "NEW", 5).await;
     wait_status(&run, "NEW", Status::Completed).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(run.worker.instance("OLD").await.unwrap().is_none());
@@ -626,22 +611,7 @@ async fn messages_a_slow_erp_keeps_busy_are_not_redelivered() {
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     seed_order(&env.erp, "SLOWERP", 5, "0.10");
     env.erp.delay("/invoices", Duration::from_millis(2500));
-    publish(
-        &js,
-        NS,
-        "order.created",
-        "o-slowerp",
-        &order_data("SLOWERP"),
-    )
-    .await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-slowerp",
-        &shipment_data("SLOWERP", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "SLOWERP", 5).await;
     wait_status(&run, "SLOWERP", Status::Completed).await;
     // A redelivery would arrive within another ack wait.
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -671,15 +641,7 @@ async fn an_instance_too_large_to_store_is_dead_lettered_not_retried_for_ever() 
         currency: "EUR".into(),
         lines: vec![tallyman_testing::erp::OrderLine::new("A", 2, "19.99")],
     });
-    publish(&js, NS, "order.created", "o-huge", &order_data("HUGE")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-huge",
-        &shipment_data("HUGE", 0),
-    )
-    .await;
+    publish_order_and_shipment(&js, "HUGE", 0).await;
     // The events that brought the answer in (both, or the shipment alone
     // when the order was stored before it came) are dead-lettered.
     let stats = run.worker.stats.clone();
@@ -708,27 +670,20 @@ async fn an_instance_too_large_to_store_is_dead_lettered_not_retried_for_ever() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_after_a_slow_call_counts_from_the_answer() {
     let env = env("shipment-to-invoice").await;
-    let mut def = env.def.clone();
-    def.spec.steps = serde_json::from_value(serde_json::json!([
-        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
-        {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
-        {"name": "pause", "wait": {"for": "3s"}},
-    ]))
-    .unwrap();
+    let def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+            {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
+            {"name": "pause", "wait": {"for": "3s"}},
+        ]),
+    );
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     seed_order(&env.erp, "LATE", 5, "0.10");
     env.erp.delay("/orders", Duration::from_millis(1500));
     let sent = chrono::Utc::now().timestamp_millis();
-    publish(&js, NS, "order.created", "o-late", &order_data("LATE")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-late",
-        &shipment_data("LATE", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "LATE", 5).await;
     let started = std::time::Instant::now();
     let due = loop {
         let inst = run.worker.instance("LATE").await.unwrap();
@@ -756,24 +711,17 @@ async fn a_wait_after_a_slow_call_counts_from_the_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_too_long_to_count_is_scheduled_not_refused() {
     let env = env("shipment-to-invoice").await;
-    let mut def = env.def.clone();
+    let mut def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+            {"name": "pause", "wait": {"for": "3000000000000h"}},
+        ]),
+    );
     def.spec.sla = None;
-    def.spec.steps = serde_json::from_value(serde_json::json!([
-        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
-        {"name": "pause", "wait": {"for": "3000000000000h"}},
-    ]))
-    .unwrap();
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    publish(&js, NS, "order.created", "o-far", &order_data("FAR")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-far",
-        &shipment_data("FAR", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "FAR", 5).await;
     eventually("the instance to pause", Duration::from_secs(10), || {
         let worker = run.worker.clone();
         async move {
@@ -799,23 +747,16 @@ async fn a_wait_too_long_to_count_is_scheduled_not_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_goto_loop_fails_its_instance_and_the_failure_is_stored() {
     let env = env("shipment-to-invoice").await;
-    let mut def = env.def.clone();
-    def.spec.steps = serde_json::from_value(serde_json::json!([
-        {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
-        {"name": "never", "check": "false", "onFalse": {"goTo": "both"}},
-    ]))
-    .unwrap();
+    let def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+            {"name": "never", "check": "false", "onFalse": {"goTo": "both"}},
+        ]),
+    );
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    publish(&js, NS, "order.created", "o-loop", &order_data("LOOP")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-loop",
-        &shipment_data("LOOP", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "LOOP", 5).await;
     wait_status(&run, "LOOP", Status::Failed).await;
     let inst = run.worker.instance("LOOP").await.unwrap().unwrap();
     assert!(
@@ -976,15 +917,7 @@ async fn a_running_instance_finishes_on_the_revision_it_started_with() {
         &shipment_data("OLD", 5),
     )
     .await;
-    publish(&js, NS, "order.created", "o-new", &order_data("NEW")).await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-new",
-        &shipment_data("NEW", 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, "NEW", 5).await;
     let stats = run.worker.stats.clone();
     wait_for(
         "both instances to complete",

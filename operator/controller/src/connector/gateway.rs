@@ -220,16 +220,7 @@ mod tests {
         let connectors = webhook_connectors();
         let refs: Vec<&Connector> = connectors.iter().collect();
         let g = build("finance", &refs, &settings(), "h0").unwrap().unwrap();
-        let spec = g.pdb.spec.unwrap();
-        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
-        assert_eq!(
-            spec.unhealthy_pod_eviction_policy.as_deref(),
-            Some("AlwaysAllow")
-        );
-        assert_eq!(
-            spec.selector.unwrap().match_labels,
-            g.deployment.spec.unwrap().selector.match_labels
-        );
+        pods::assert_drains_one_at_a_time(&g.pdb, &g.deployment);
         assert_eq!(
             g.pdb.metadata.owner_references.map(|o| o.len()),
             Some(connectors.len())

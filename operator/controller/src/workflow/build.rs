@@ -277,7 +277,6 @@ mod tests {
     use super::*;
     use crate::fixtures;
     use crate::workflow::validate::validate;
-    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     fn settings() -> Settings {
         Settings {
@@ -461,18 +460,7 @@ mod tests {
     #[test]
     fn the_budget_lets_one_worker_go_and_any_broken_one() {
         let (_, _, c) = built("shipment-to-invoice");
-        let spec = c.pdb.spec.unwrap();
-        assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
-        // Pods that are not ready may always be evicted: a Workflow whose
-        // workers all crash-loop must not block node drains.
-        assert_eq!(
-            spec.unhealthy_pod_eviction_policy.as_deref(),
-            Some("AlwaysAllow")
-        );
-        assert_eq!(
-            spec.selector.unwrap().match_labels,
-            c.deployment.spec.unwrap().selector.match_labels
-        );
+        crate::pods::assert_drains_one_at_a_time(&c.pdb, &c.deployment);
     }
 
     #[test]

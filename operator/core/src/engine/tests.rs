@@ -231,13 +231,10 @@ fn a_tiny_variance_is_auto_approved_and_invoices_what_shipped() {
     }
 }
 
-#[test]
-fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
-    let def = compiled("shipment-to-invoice");
-    let m = Machine::new(&def, t0());
-    let mut inst = Instance::new("4711", &def.revision, 0);
-    m.apply(&mut inst, order_created());
-    plan(m.apply(&mut inst, shipment(5)));
+/// The case an instance opens, after `order.created` and a short shipment.
+fn variance_case(m: &Machine, inst: &mut Instance) -> CaseRequest {
+    m.apply(inst, order_created());
+    plan(m.apply(inst, shipment(5)));
     let big = CallResult::Response {
         status: 200,
         headers: BTreeMap::new(),
@@ -246,15 +243,22 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
             .into(),
         attempts: 1,
     };
-    assert_eq!(m.apply(&mut inst, Input::CallDone(big)), Next::Idle);
-    let case = inst
-        .outbox
+    assert_eq!(m.apply(inst, Input::CallDone(big)), Next::Idle);
+    inst.outbox
         .iter()
         .find_map(|o| match o {
-            Outbound::OpenCase(c) => Some(c.clone()),
+            Outbound::OpenCase(c) => Some((**c).clone()),
             _ => None,
         })
-        .expect("a case opened");
+        .expect("a case opened")
+}
+
+#[test]
+fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
+    let def = compiled("shipment-to-invoice");
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    let case = variance_case(&m, &mut inst);
     assert_eq!(case.reason, "QuantityMismatch");
     assert_eq!(case.initiator, "wms-operator-17");
     assert_eq!(case.rule, "controller");
@@ -363,28 +367,6 @@ fn a_large_variance_waits_for_people_and_a_rejection_disputes_the_shipment() {
     let emitted = emits(&inst);
     assert_eq!(emitted[0].0, "shipment.disputed");
     assert!(emitted[0].1.contains(r#""skus":["B"]"#), "{}", emitted[0].1);
-}
-
-/// The case an instance opens, after `order.created` and a short shipment.
-fn variance_case(m: &Machine, inst: &mut Instance) -> CaseRequest {
-    m.apply(inst, order_created());
-    plan(m.apply(inst, shipment(5)));
-    let big = CallResult::Response {
-        status: 200,
-        headers: BTreeMap::new(),
-        body: r#"{"currency": "EUR", "customerId": "C-1",
-                  "lines": [{"sku": "A", "qty": 2, "unitPrice": "19.99"}, {"sku": "B", "qty": 9, "unitPrice": "250.00"}]}"#
-            .into(),
-        attempts: 1,
-    };
-    m.apply(inst, Input::CallDone(big));
-    inst.outbox
-        .iter()
-        .find_map(|o| match o {
-            Outbound::OpenCase(c) => Some((**c).clone()),
-            _ => None,
-        })
-        .expect("a case opened")
 }
 
 #[test]

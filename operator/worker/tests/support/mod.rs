@@ -139,6 +139,36 @@ pub async fn publish_again(js: &jetstream::Context, ns: &str, ty: &str, id: &str
         .expect("acked");
 }
 
+/// An order's `order.created` and `shipment.confirmed` (with `qty_b` of B),
+/// one after the other, as `o-<order>` and `s-<order>` in namespace finance.
+pub async fn publish_order_and_shipment(js: &jetstream::Context, order: &str, qty_b: i64) {
+    let ns = "finance";
+    publish(
+        js,
+        ns,
+        "order.created",
+        &format!("o-{order}"),
+        &order_data(order),
+    )
+    .await;
+    let shipment = shipment_data(order, qty_b);
+    publish(
+        js,
+        ns,
+        "shipment.confirmed",
+        &format!("s-{order}"),
+        &shipment,
+    )
+    .await;
+}
+
+/// `def` with other steps (JSON, as in a Workflow's `spec.steps`).
+pub fn with_steps(def: &Definition, steps: serde_json::Value) -> Definition {
+    let mut def = def.clone();
+    def.spec.steps = serde_json::from_value(steps).expect("steps");
+    def
+}
+
 pub fn order_data(order: &str) -> String {
     format!(r#"{{"orderId":"{order}","customerId":"C-{order}","channel":"web"}}"#)
 }
