@@ -1399,6 +1399,19 @@ impl Worker {
         id_prefix(&self.names.namespace, &self.names.workflow, key)
     }
 
+    /// Publish a case's timer, keyed (schedule and message id) by its
+    /// token, and wait for the broker to store it.
+    async fn publish_case_timer(&self, timer: &TimerMsg) -> Result<(), Error> {
+        let (subject, publish) = self.timer_message(timer, &timer.token, &timer.token)?;
+        self.js()
+            .send_publish(subject, publish)
+            .await
+            .map_err(|e| Error::Publish(e.to_string()))?
+            .await
+            .map_err(|e| Error::Publish(e.to_string()))?;
+        Ok(())
+    }
+
     /// A timer as a message: to the due subject when it is due now, else a
     /// schedule on the subject of `schedule_id` (one schedule per id).
     fn timer_message(
@@ -1541,13 +1554,7 @@ impl Worker {
                 due_ms: deadline.timestamp_millis(),
                 case: Some(case.to_string()),
             };
-            let (subject, publish) = self.timer_message(&next, &next.token, &next.token)?;
-            self.js()
-                .send_publish(subject, publish)
-                .await
-                .map_err(|e| Error::Publish(e.to_string()))?
-                .await
-                .map_err(|e| Error::Publish(e.to_string()))?;
+            self.publish_case_timer(&next).await?;
         }
         Ok(())
     }
@@ -1602,16 +1609,7 @@ impl Worker {
         };
         let mut wait = Duration::from_millis(200);
         loop {
-            let published = async {
-                let (subject, publish) = self.timer_message(&timer, &timer.token, &timer.token)?;
-                self.js()
-                    .send_publish(subject, publish)
-                    .await
-                    .map_err(|e| Error::Publish(e.to_string()))?
-                    .await
-                    .map_err(|e| Error::Publish(e.to_string()))
-            };
-            let Err(e) = published.await else {
+            let Err(e) = self.publish_case_timer(&timer).await else {
                 return;
             };
             warn!(case = %record.name, error = %e, retry_in = ?wait, "failed to hand a decided case on; trying again");
