@@ -42,8 +42,22 @@ pub fn parse_fast(text: &[u8]) -> Result<super::fast::Val, JsonError> {
     parse_into(text)
 }
 
+/// Parse the text of a value the instance keeps ([`super::fast::Val::to_stored_json`]):
+/// JSON, in which a timestamp is written `timestamp("<RFC 3339>")`.
+pub fn parse_stored(text: &[u8]) -> Result<super::fast::Val, JsonError> {
+    parse_with(text, true)
+}
+
 fn parse_into<B: Build>(text: &[u8]) -> Result<B, JsonError> {
-    let mut p = Parser { s: text, i: 0 };
+    parse_with(text, false)
+}
+
+fn parse_with<B: Build>(text: &[u8], stored: bool) -> Result<B, JsonError> {
+    let mut p = Parser {
+        s: text,
+        i: 0,
+        stored,
+    };
     p.ws();
     let v = p.value::<B>(0, &mut Vec::new(), false)?;
     p.ws();
@@ -60,6 +74,7 @@ pub(crate) trait Build: Sized {
     fn int(i: i64) -> Self;
     fn uint(u: u64) -> Self;
     fn decimal(d: rust_decimal::Decimal) -> Self;
+    fn timestamp(t: chrono::DateTime<chrono::FixedOffset>) -> Self;
     fn string(s: Cow<'_, str>) -> Self;
     fn list(items: Vec<Self>) -> Self;
     /// A map key, made once per document for the objects of an array.
@@ -103,6 +118,9 @@ impl Build for Value {
     fn decimal(d: rust_decimal::Decimal) -> Self {
         decimal_value(d)
     }
+    fn timestamp(t: chrono::DateTime<chrono::FixedOffset>) -> Self {
+        Value::Timestamp(t)
+    }
     fn string(s: Cow<'_, str>) -> Self {
         Value::String(Arc::new(s.into_owned()))
     }
@@ -128,6 +146,8 @@ impl Build for Value {
 struct Parser<'a> {
     s: &'a [u8],
     i: usize,
+    /// Whether `timestamp("…")` is read as a timestamp.
+    stored: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -217,6 +237,18 @@ impl<'a> Parser<'a> {
             }
             Some(b'"') => Ok(B::string(self.string()?)),
             Some(b't') if self.eat(b"true") => Ok(B::bool(true)),
+            Some(b't') if self.stored && self.eat(b"timestamp(") => {
+                if self.s.get(self.i) != Some(&b'"') {
+                    return Err(self.error("expected a string in timestamp()"));
+                }
+                let text = self.string()?;
+                let t = chrono::DateTime::parse_from_rfc3339(&text)
+                    .map_err(|e| self.error(&format!("timestamp {text:?}: {e}")))?;
+                if !self.eat(b")") {
+                    return Err(self.error("expected ')'"));
+                }
+                Ok(B::timestamp(t))
+            }
             Some(b'f') if self.eat(b"false") => Ok(B::bool(false)),
             Some(b'n') if self.eat(b"null") => Ok(B::null()),
             Some(c) if *c == b'-' || c.is_ascii_digit() => self.number(),
@@ -509,6 +541,30 @@ mod tests {
         );
         let text = to_string(&Value::String(Arc::new("a\u{1}b\"".repeat(3) + "é"))).unwrap();
         assert_eq!(text, r#""a\u0001b\"a\u0001b\"a\u0001b\"é""#);
+    }
+
+    #[test]
+    fn only_stored_text_has_timestamps() {
+        let text = br#"{"due": timestamp("2026-11-28T09:00:00+01:00"), "at": [timestamp("2026-11-28T08:00:00.5Z")]}"#;
+        assert!(parse_fast(text).is_err(), "events and answers are JSON");
+        assert!(parse(text).is_err());
+        let v = parse_stored(text).unwrap();
+        assert_eq!(
+            v.to_stored_json().unwrap(),
+            r#"{"at":[timestamp("2026-11-28T08:00:00.500+00:00")],"due":timestamp("2026-11-28T09:00:00+01:00")}"#
+        );
+        for bad in [
+            &br#"timestamp("2026-11-28")"#[..],
+            br#"timestamp(1)"#,
+            br#"timestamp("2026-11-28T09:00:00Z""#,
+            br#"timestamps("2026-11-28T09:00:00Z")"#,
+        ] {
+            assert!(
+                parse_stored(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

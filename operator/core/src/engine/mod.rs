@@ -155,11 +155,15 @@ impl Values {
 
 /// The parsed value of `text`, from `cache` when `tag` (the text itself or
 /// an id that identifies it) is unchanged.
+/// How a kept text is read: as JSON (events, answers) or as a value the
+/// instance stored ([`json::parse_stored`]).
+type Reader = fn(&[u8]) -> Result<Val, json::JsonError>;
+
 fn cached(
     cache: &mut std::collections::HashMap<String, (String, Val)>,
     name: &str,
     tag: &str,
-    text: &str,
+    (text, parse): (&str, Reader),
     what: &str,
     wrap: impl FnOnce(Val) -> Val,
 ) -> Step<Val> {
@@ -168,12 +172,10 @@ fn cached(
     {
         return Ok(v.clone());
     }
-    let v = json::parse_fast(text.as_bytes())
-        .map(wrap)
-        .map_err(|e| EvalError {
-            expression: what.to_string(),
-            message: e.0,
-        })?;
+    let v = parse(text.as_bytes()).map(wrap).map_err(|e| EvalError {
+        expression: what.to_string(),
+        message: e.0,
+    })?;
     cache.insert(name.to_string(), (tag.to_string(), v.clone()));
     Ok(v)
 }
@@ -688,13 +690,13 @@ impl<'a> Machine<'a> {
                     let mut values = Vec::new();
                     for (name, program) in vars {
                         let value = program.evaluate(&env)?;
-                        values.push((name.clone(), to_json(program, &value)?, value));
+                        values.push((name.clone(), stored_json(program, value)?));
                     }
                     let mut cache = self.cache.borrow_mut();
-                    for (name, text, value) in values {
+                    for (name, (text, value)) in values {
                         // The next expression reads the value, not its text.
-                        if let Evaluated::Fast(v) = value
-                            && v.json_stable()
+                        if let Some(v) = value
+                            && v.stored_stable()
                         {
                             cache.vars.insert(name.clone(), (text.clone(), v));
                         }
@@ -1249,7 +1251,7 @@ impl<'a> Machine<'a> {
                 &mut cache.responses,
                 name,
                 response,
-                response,
+                (response, json::parse_fast),
                 "response",
                 |v| Val::map([("response", v)]),
             )?;
@@ -1259,7 +1261,14 @@ impl<'a> Machine<'a> {
         for (name, text) in &inst.vars {
             vars.push((
                 name.as_str(),
-                cached(&mut cache.vars, name, text, text, "variable", |v| v)?,
+                cached(
+                    &mut cache.vars,
+                    name,
+                    text,
+                    (text, json::parse_stored),
+                    "variable",
+                    |v| v,
+                )?,
             ));
         }
         drop(cache);
@@ -1381,6 +1390,24 @@ fn to_json(program: &Program, v: &Evaluated) -> Step<String> {
         expression: program.source().to_string(),
         message: e.0,
     })
+}
+
+/// A variable's stored text ([`Val::to_stored_json`]), and the value in the
+/// shared form when it has one.
+fn stored_json(program: &Program, v: Evaluated) -> Step<(String, Option<Val>)> {
+    let shared = match &v {
+        Evaluated::Fast(v) => Some(v.clone()),
+        Evaluated::Cel(cel) => Val::from_value(cel),
+    };
+    let text = match &shared {
+        Some(v) => v.to_stored_json(),
+        None => v.to_json(),
+    };
+    let text = text.map_err(|e| EvalError {
+        expression: program.source().to_string(),
+        message: e.0,
+    })?;
+    Ok((text, shared))
 }
 
 /// A fact for the case record: decimals as strings (nothing downstream

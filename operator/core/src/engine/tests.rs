@@ -988,3 +988,91 @@ spec:
         [("counted".to_string(), r#"{"key":"7","n":2}"#.to_string())]
     );
 }
+
+#[test]
+fn a_whole_decimal_stays_a_decimal_once_stored() {
+    // `decimal(100)` has no fraction: written as `100` it read back as the
+    // integer 100, and `vars.net / 3` divided as integers (33).
+    let def = with_steps(serde_json::json!([
+        {"name": "order", "await": {"events": ["order.created"]}},
+        {"name": "net", "set": {
+            "net": "decimal(100)",
+            "lines": "[decimal(2), decimal('0.50')]",
+            "nested": "{'total': decimal(7) * 2}",
+        }},
+        {"name": "ship", "await": {"events": ["shipment.confirmed"]}},
+        {"name": "split", "set": {"third": "round(vars.net / 3, 2)"}},
+        {"name": "done", "emit": {"type": "split", "data": concat!(
+            "{'third': vars.third, 'net': vars.net, 'lines': vars.lines,",
+            " 'half': vars.nested.total / 4}"
+        )}},
+    ]));
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    assert_eq!(
+        Machine::new(&def, t0()).apply(&mut inst, order_created()),
+        Next::Idle
+    );
+    // As a worker reads it back: stored, loaded, a machine of its own.
+    let stored = serde_json::to_string(&inst).unwrap();
+    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    assert_eq!(
+        Machine::new(&def, t0()).apply(&mut inst, shipment(5)),
+        Next::Idle
+    );
+    assert_eq!(inst.status, Status::Completed, "{:?}", inst.outcome);
+    // What leaves the engine is written as before: `100`, not `100.0`.
+    assert_eq!(
+        emits(&inst),
+        [(
+            "split".to_string(),
+            r#"{"half":3.50,"lines":[2,0.50],"net":100,"third":33.33}"#.to_string()
+        )]
+    );
+}
+
+#[test]
+fn a_timestamp_stays_a_timestamp_once_stored() {
+    // A deadline kept in a variable was read back as its text, and
+    // `wait.until` refused it (it must give a timestamp).
+    let def = with_steps(serde_json::json!([
+        {"name": "order", "await": {"events": ["order.created"]}},
+        {"name": "promise", "set": {
+            "due": "now + duration('48h')",
+            "both": "{'at': [now]}",
+        }},
+        {"name": "ship", "await": {"events": ["shipment.confirmed"]}},
+        {"name": "late", "set": {"late": "vars.due < now"}},
+        {"name": "hold", "wait": {"until": "vars.both.at[0] + duration('49h')"}},
+        {"name": "done", "emit": {"type": "promised", "data": "{'due': vars.due, 'late': vars.late}"}},
+    ]));
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    assert_eq!(
+        Machine::new(&def, t0()).apply(&mut inst, order_created()),
+        Next::Idle
+    );
+    let stored = serde_json::to_string(&inst).unwrap();
+    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    let later = t0() + chrono::Duration::hours(47);
+    let next = Machine::new(&def, later).apply(&mut inst, shipment(5));
+    assert_eq!(inst.status, Status::Running, "{:?}", inst.outcome);
+    assert_eq!(next, Next::Idle);
+    let stored = serde_json::to_string(&inst).unwrap();
+    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    let due = (t0() + chrono::Duration::hours(49)).timestamp_millis();
+    let Some(Wait::Timer { timer }) = inst.wait.clone() else {
+        panic!("waits for its timer: {:?}", inst.wait)
+    };
+    assert_eq!(
+        inst.timers[&timer], due,
+        "the wait counts from the stored time"
+    );
+    Machine::new(&def, later).apply(&mut inst, Input::Timer { token: timer });
+    assert_eq!(inst.status, Status::Completed, "{:?}", inst.outcome);
+    assert_eq!(
+        emits(&inst),
+        [(
+            "promised".to_string(),
+            r#"{"due":"2026-11-28T09:00:00+00:00","late":false}"#.to_string()
+        )]
+    );
+}

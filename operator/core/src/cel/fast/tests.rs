@@ -752,7 +752,12 @@ fn json_stable_means_the_text_parses_back_to_the_same_value() {
         Val::Dec(Decimal::new(2, 0)),
         Val::Dec(Decimal::new(20, 1)),
         Val::Dec(Decimal::new(-1, 3)),
+        Val::Dec(Decimal::ZERO),
+        Val::Dec(Decimal::new(-42, 0)),
+        Val::Dec(Decimal::MAX),
+        Val::Dec(Decimal::MIN),
         Val::Double(0.5),
+        Val::Double(2.0),
         Val::Str("a \"quoted\" é".into()),
         Val::Timestamp(ts),
     ];
@@ -768,6 +773,28 @@ fn json_stable_means_the_text_parses_back_to_the_same_value() {
         let same = format!("{back:?}") == format!("{v:?}");
         assert_eq!(v.json_stable(), same, "{v:?} -> {text} -> {back:?}");
         stable += same as usize;
+        // The stored form reads back as often or more, every decimal too.
+        let stored = v.to_stored_json().unwrap();
+        let back = json::parse_stored(stored.as_bytes()).unwrap();
+        let kept = format!("{back:?}") == format!("{v:?}");
+        assert_eq!(v.stored_stable(), kept, "{v:?} -> {stored} -> {back:?}");
+        assert!(kept || !same, "{v:?} -> {stored}");
+        if let Val::Timestamp(_) = v {
+            assert!(kept, "{v:?} -> {stored} -> {back:?}");
+        } else if let Val::Dec(d) = v {
+            assert!(kept, "{v:?} -> {stored} -> {back:?}");
+            assert_eq!(stored == text, d.scale() > 0, "{v:?} -> {stored}");
+        } else if let Val::Double(_) = v {
+            let Val::Dec(d) = back else {
+                panic!("{v:?} -> {stored} -> {back:?}")
+            };
+            assert_eq!(d.to_string(), text, "the decimal it was sent as");
+        } else if !["Dec(", "Timestamp(", "Double("]
+            .iter()
+            .any(|t| format!("{v:?}").contains(t))
+        {
+            assert_eq!(stored, text, "only decimals are written otherwise");
+        }
     }
     // Both answers occur, so the test tells them apart.
     assert!(stable > 0 && stable < values.len());

@@ -160,21 +160,53 @@ impl Val {
     /// Whether parsing [`Val::to_json`]'s text gives this value back, so a
     /// value kept in memory reads the same as its stored text after a
     /// restart. Not so for doubles and timestamps, a decimal without a
-    /// fraction (its text reads as an integer) or an unsigned integer
-    /// that fits a signed one.
+    /// fraction that fits an integer (its text reads as one) or an
+    /// unsigned integer that fits a signed one.
     pub fn json_stable(&self) -> bool {
+        self.stable(Form::Sent)
+    }
+
+    /// Whether [`json::parse_stored`] gives this value back from
+    /// [`Val::to_stored_json`]'s text: as [`Val::json_stable`], every decimal
+    /// and timestamp included.
+    pub fn stored_stable(&self) -> bool {
+        self.stable(Form::Stored)
+    }
+
+    fn stable(&self, form: Form) -> bool {
         match self {
             Val::Null | Val::Bool(_) | Val::Int(_) | Val::Str(_) => true,
             Val::UInt(u) => *u > i64::MAX as u64,
-            Val::Dec(d) => d.scale() > 0,
-            Val::Double(_) | Val::Timestamp(_) => false,
-            Val::List(items) => items.iter().all(Val::json_stable),
-            Val::Map(m) => m.iter().all(|(_, v)| v.json_stable()),
+            // Sent, a whole decimal reads back as an integer if it fits one.
+            Val::Dec(d) => {
+                form == Form::Stored
+                    || d.scale() > 0
+                    || !(Decimal::from(i64::MIN)..=Decimal::from(u64::MAX)).contains(d)
+            }
+            Val::Timestamp(_) => form == Form::Stored,
+            Val::Double(_) => false,
+            Val::List(items) => items.iter().all(|v| v.stable(form)),
+            Val::Map(m) => m.iter().all(|(_, v)| v.stable(form)),
         }
     }
 
     /// JSON text, exactly as `json::to_string` writes the CEL value.
     pub fn to_json(&self) -> Result<String, json::JsonError> {
+        self.json_in(Form::Sent)
+    }
+
+    /// The text of a value the instance keeps (a variable), read back by
+    /// [`json::parse_stored`]: as [`Val::to_json`], except that a decimal
+    /// without a fraction is written with an exponent (`100e0`), which reads
+    /// back as that decimal, and a timestamp as `timestamp("<RFC 3339>")`.
+    /// As JSON they would read back as an integer (and `vars.net / 3` would
+    /// divide as integers) and a string. Only ever read by the engine; what
+    /// leaves it (emitted events, call bodies) is written by [`Val::to_json`].
+    pub fn to_stored_json(&self) -> Result<String, json::JsonError> {
+        self.json_in(Form::Stored)
+    }
+
+    fn json_in(&self, form: Form) -> Result<String, json::JsonError> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
@@ -182,7 +214,7 @@ impl Val {
         // allocation of the exact size instead of one per doubling.
         let written = SCRATCH.with_borrow_mut(|out| {
             out.clear();
-            self.write_json(out).then(|| out.as_str().to_owned())
+            self.write_json(out, form).then(|| out.as_str().to_owned())
         });
         if let Some(text) = written {
             Ok(text)
@@ -193,7 +225,7 @@ impl Val {
     }
 
     /// Append JSON text; false when a value has no JSON representation.
-    fn write_json(&self, out: &mut String) -> bool {
+    fn write_json(&self, out: &mut String, form: Form) -> bool {
         match self {
             Val::Null => out.push_str("null"),
             Val::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -203,12 +235,14 @@ impl Val {
             Val::UInt(u) => {
                 let _ = write!(out, "{u}");
             }
+            // Stored, a double reads back as the decimal it is written as.
             Val::Double(f) => match decimal_from_f64(*f) {
-                Some(d) => {
-                    let _ = write!(out, "{d}");
-                }
+                Some(d) => return Val::Dec(d).write_json(out, form),
                 None => return false,
             },
+            Val::Dec(d) if form == Form::Stored && d.scale() == 0 => {
+                let _ = write!(out, "{d}e0");
+            }
             Val::Dec(d) => {
                 let _ = write!(out, "{d}");
             }
@@ -219,7 +253,7 @@ impl Val {
                     if n > 0 {
                         out.push(',');
                     }
-                    if !item.write_json(out) {
+                    if !item.write_json(out, form) {
                         return false;
                     }
                 }
@@ -233,16 +267,29 @@ impl Val {
                     }
                     json::string(k, out);
                     out.push(':');
-                    if !v.write_json(out) {
+                    if !v.write_json(out, form) {
                         return false;
                     }
                 }
                 out.push('}');
             }
+            Val::Timestamp(t) if form == Form::Stored => {
+                out.push_str("timestamp(");
+                json::string(&t.to_rfc3339(), out);
+                out.push(')');
+            }
             Val::Timestamp(t) => json::string(&t.to_rfc3339(), out),
         }
         true
     }
+}
+
+/// Who reads the JSON text: systems outside (as CEL's JSON has it) or the
+/// engine itself, from the instance it stored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Form {
+    Sent,
+    Stored,
 }
 
 impl Build for Val {
@@ -260,6 +307,9 @@ impl Build for Val {
     }
     fn decimal(d: Decimal) -> Self {
         Val::Dec(d)
+    }
+    fn timestamp(t: DateTime<FixedOffset>) -> Self {
+        Val::Timestamp(t)
     }
     fn string(s: Cow<'_, str>) -> Self {
         Val::Str(Arc::from(&*s))
