@@ -14,8 +14,8 @@ use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2_free::short_id;
 use tallyman_core::engine::{
-    CallPlan, CallResult, CaseHistory, Compiled, Definition, Event, Input, Instance, Machine, Next,
-    Outbound, Values, id_prefix,
+    CallPlan, CallResult, CaseHistory, Compiled, Definition, Delivered, Event, Input, Instance,
+    Machine, Next, Outbound, Values, id_prefix,
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
@@ -716,7 +716,8 @@ impl Worker {
         );
         let work = async {
             let _serial = lock.lock().await;
-            self.process_locked(key, &inputs, parsed).await
+            self.process_locked(key, &inputs, parsed, delivered(msgs))
+                .await
         }
         .instrument(span);
         let result = self.keep_alive(msgs, work).await;
@@ -760,6 +761,7 @@ impl Worker {
         key: &str,
         inputs: &[Input],
         mut parsed: Values,
+        delivered: Option<Delivered>,
     ) -> Result<(), Error> {
         let Some(first_input) = inputs.first() else {
             return Ok(());
@@ -896,6 +898,7 @@ impl Worker {
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
             inst.settle_wake(scheduled);
+            inst.delivered = delivered.clone();
             inst.seal_audits(&self.msg_prefix(key))
                 .map_err(|e| Error::Store(e.to_string()))?;
             let bytes =
@@ -1056,17 +1059,57 @@ impl Worker {
     }
 
     /// The stored instance `key` and its revision; a crash may have
-    /// stopped its last publish, so that is done again.
+    /// stopped its last publish, so that is done again unless it is known
+    /// to have happened.
     async fn load(&self, key: &str, kv_key: &str) -> Result<Option<(Instance, u64)>, Error> {
         match self.handles.instances.entry(kv_key).await {
             Ok(Some(e)) if e.operation == kv::Operation::Put => {
                 let inst: Instance = serde_json::from_slice(&e.value)
                     .map_err(|err| Error::Store(format!("instance {key} is unreadable: {err}")))?;
-                self.publish_outbox(&inst, e.revision).await?;
+                let written_ns = e.created.unix_timestamp_nanos();
+                if self.outbox_unpublished(&inst, written_ns).await {
+                    self.publish_outbox(&inst, e.revision).await?;
+                }
                 Ok(Some((inst, e.revision)))
             }
             Ok(_) => Ok(None),
             Err(e) => Err(Error::Store(format!("failed to read instance {key}: {e}"))),
+        }
+    }
+
+    /// Whether the outbox of `inst`, stored at `written_ns` (the broker's
+    /// clock), may not have been published. Published again within the
+    /// broker's duplicate window it is dropped as a duplicate, so while the
+    /// commit is younger than half the window (room for clocks apart) it
+    /// is published without asking. Later a copy would be stored again and
+    /// its emitted events, dead letters and audit records delivered twice:
+    /// then only when the commit's messages are not all acknowledged yet
+    /// (a worker acknowledges them after publishing), or nothing says which
+    /// they were.
+    async fn outbox_unpublished(&self, inst: &Instance, written_ns: i128) -> bool {
+        if inst.outbox.is_empty() && inst.audit_batch.is_none() {
+            return false;
+        }
+        let now_ns = i128::from(Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX));
+        let half_window = self.handles.dedup_window.as_nanos() as i128 / 2;
+        if now_ns.saturating_sub(written_ns) < half_window {
+            return true;
+        }
+        let Some(delivered) = &inst.delivered else {
+            return true;
+        };
+        let consumer = [&self.handles.events, &self.handles.timers]
+            .into_iter()
+            .find(|c| c.cached_info().name == delivered.consumer);
+        let Some(consumer) = consumer else {
+            return true;
+        };
+        match consumer.get_info().await {
+            Ok(info) => info.ack_floor.stream_sequence < delivered.stream_seq,
+            Err(e) => {
+                warn!(key = %inst.key, error = %e, "cannot tell whether the last outbox was published; publishing it again");
+                true
+            }
         }
     }
 
@@ -1691,6 +1734,28 @@ fn message(msg_id: &str, payload: String, headers: Option<HeaderMap>) -> Publish
         }
     }
     publish
+}
+
+/// The consumer and last stream sequence of `msgs`, when they all came
+/// from one consumer (a commit's messages always do).
+fn delivered(msgs: &[Arc<jetstream::Message>]) -> Option<Delivered> {
+    let mut out: Option<Delivered> = None;
+    for msg in msgs {
+        let info = msg.info().ok()?;
+        match &mut out {
+            None => {
+                out = Some(Delivered {
+                    consumer: info.consumer.to_string(),
+                    stream_seq: info.stream_sequence,
+                })
+            }
+            Some(d) if d.consumer == info.consumer => {
+                d.stream_seq = d.stream_seq.max(info.stream_sequence)
+            }
+            Some(_) => return None,
+        }
+    }
+    out
 }
 
 fn json_str(s: &str) -> String {

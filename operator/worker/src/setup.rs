@@ -21,6 +21,14 @@ pub struct Handles {
     pub timers: consumer::Consumer<consumer::pull::Config>,
     /// The stream of the schedules, to remove one nobody needs.
     pub timers_stream: stream::Stream,
+    /// The shortest duplicate window of the streams an outbox goes to:
+    /// published again within it, a message is dropped as a duplicate.
+    pub dedup_window: Duration,
+}
+
+/// How long `stream` drops a message published again under the same id.
+fn dedup_window(stream: &stream::Stream) -> Duration {
+    stream.cached_info().config.duplicate_window
 }
 
 async fn ensure_stream(
@@ -71,6 +79,9 @@ pub const AUDIT_CREATED_KEY: &str = "_audit-stream-created";
 /// What every workflow of a namespace shares.
 pub struct Namespace {
     pub events: stream::Stream,
+    /// The shortest duplicate window of its events, audit and dead-letter
+    /// streams.
+    pub dedup_window: Duration,
     /// The instance counters of its workflows, and when its audit stream
     /// was first made.
     pub counts: kv::Store,
@@ -81,10 +92,19 @@ pub struct Namespace {
 pub async fn ensure_namespace(js: &jetstream::Context, names: &Names) -> Result<Namespace, Error> {
     let events = ensure_stream(js, names.events_stream(), names.events_wildcard(), false).await?;
     let audit = ensure_stream(js, names.audit_stream(), names.audit_wildcard(), false).await?;
-    ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
+    let dlq = ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
     let counts = ensure_kv(js, names.counts_bucket(), 1).await?;
     anchor_audit(&counts, names, &audit).await?;
-    Ok(Namespace { events, counts })
+    let dedup_window = [&events, &audit, &dlq]
+        .into_iter()
+        .map(dedup_window)
+        .min()
+        .unwrap_or(DUPLICATE_WINDOW);
+    Ok(Namespace {
+        events,
+        dedup_window,
+        counts,
+    })
 }
 
 /// Write down when the audit stream was created, once: a stream deleted
@@ -130,6 +150,7 @@ pub async fn ensure(
     };
     let Namespace {
         events: events_stream,
+        dedup_window: namespace_window,
         counts,
     } = ensure_namespace(js, names).await?;
     let timers_stream =
@@ -184,6 +205,7 @@ pub async fn ensure(
         counts,
         events,
         timers,
+        dedup_window: namespace_window.min(dedup_window(&timers_stream)),
         timers_stream,
     })
 }

@@ -939,3 +939,97 @@ async fn a_running_instance_finishes_on_the_revision_it_started_with() {
     assert_eq!(env.erp.invoice_count(), 2);
     run.shutdown().await;
 }
+
+/// A stored outbox is published again when an instance is read only while
+/// the worker cannot tell it was published: past the broker's duplicate
+/// window the copy would be stored, and its events delivered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_is_published_again_on_reading_only_when_it_may_not_have_been() {
+    use async_nats::jetstream::stream;
+    use tallyman_worker::names::{Names, kv_key};
+    let env = env("shipment-to-invoice").await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    // The namespace's streams with a one-second window, made before any
+    // worker (which leaves streams that exist as they are).
+    let names = Names::new(NS, "shipment-to-invoice");
+    for (name, subjects, timers) in [
+        (names.events_stream(), names.events_wildcard(), false),
+        (names.audit_stream(), names.audit_wildcard(), false),
+        (names.dlq_stream(), names.dlq_wildcard(), false),
+        (names.timers_stream(), names.timers_wildcard(), true),
+    ] {
+        js.create_stream(stream::Config {
+            name,
+            subjects: vec![subjects],
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(1),
+            allow_message_schedules: timers,
+            allow_message_ttl: timers,
+            ..Default::default()
+        })
+        .await
+        .expect("stream");
+    }
+    let def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "order", "await": {"events": ["order.created"]}},
+            {"name": "seen", "emit": {"type": "order.seen", "data": "{'order': key}"}},
+            {"name": "ship", "await": {"events": ["shipment.confirmed"]}},
+        ]),
+    );
+    let first = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    for order in ["ORD-1", "ORD-2"] {
+        publish(&js, NS, "order.created", order, &order_data(order)).await;
+    }
+    wait_emitted(&js, NS, "order.seen", 2).await;
+    first.shutdown().await;
+    // ORD-2 as after a crash between storing it and publishing: its
+    // message not acknowledged (a sequence the consumer never reached).
+    let instances = js
+        .get_key_value(names.instances_bucket())
+        .await
+        .expect("bucket");
+    let mut stored: tallyman_core::engine::Instance = serde_json::from_slice(
+        &instances
+            .get(kv_key("ORD-2"))
+            .await
+            .unwrap()
+            .expect("stored"),
+    )
+    .unwrap();
+    let delivered = stored.delivered.as_mut().expect("its message is recorded");
+    assert_eq!(delivered.consumer, names.events_consumer());
+    delivered.stream_seq = 1_000_000;
+    instances
+        .put(kv_key("ORD-2"), serde_json::to_vec(&stored).unwrap().into())
+        .await
+        .expect("put");
+    // Past the window: published again now, a copy would be stored.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let stats = run.worker.stats.clone();
+    for order in ["ORD-1", "ORD-2"] {
+        publish(
+            &js,
+            NS,
+            "shipment.confirmed",
+            &format!("s-{order}"),
+            &shipment_data(order, 5),
+        )
+        .await;
+    }
+    wait_for(
+        "both instances to complete",
+        Duration::from_secs(10),
+        || stats.completed.load(Ordering::Relaxed) == 2,
+    )
+    .await;
+    run.shutdown().await;
+    let seen = emitted(&js, NS, "order.seen").await;
+    let times = |order: &str| seen.iter().filter(|e| e["data"]["order"] == order).count();
+    assert_eq!(times("ORD-1"), 1, "acknowledged, so published: not again");
+    assert_eq!(times("ORD-2"), 2, "not acknowledged: published again");
+    verified_trail(&env.nats.url(), NS).await;
+}

@@ -181,6 +181,21 @@ pub struct Instance {
     /// them, see [`Instance::seal_audits`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_batch: Option<AuditBatch>,
+    /// The broker messages this commit applied, when they came from one
+    /// consumer: a worker acknowledges them only after publishing the
+    /// outbox, so once the consumer has acknowledged them all the outbox
+    /// needs no publishing again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered: Option<Delivered>,
+}
+
+/// Where the messages of a commit came from: their consumer, and the
+/// stream sequence of the last of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Delivered {
+    pub consumer: String,
+    pub stream_seq: u64,
 }
 
 /// The audit records of one commit as the message that publishes them: a
@@ -225,6 +240,7 @@ impl Instance {
             outcome: None,
             outbox: Vec::new(),
             audit_batch: None,
+            delivered: None,
         }
     }
 
