@@ -28,6 +28,11 @@ pub struct Duration {
 }
 
 impl Duration {
+    /// The longest duration: 100 years (of 365 days), for ever in practice.
+    /// Longer ones are taken as this, so every use stays in range: a date
+    /// after now, an `Instant`, nanoseconds in an `i64` (the broker's unit).
+    pub const LONGEST: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
     /// The duration as a `std::time::Duration`.
     pub fn as_std(&self) -> std::time::Duration {
         self.value
@@ -51,6 +56,18 @@ impl FromStr for Duration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // As the CRD's pattern has it (the parser below reads it as zero).
+        if s.is_empty() {
+            return Err("an empty duration; use e.g. 30s, 5m, 1h30m".into());
+        }
+        // Longer than a `std::time::Duration` holds (~5.8e11 years), the
+        // parser below would panic; the API server admits any digits.
+        if approx_secs(s).is_some_and(|secs| secs >= Duration::LONGEST.as_secs_f64()) {
+            return Ok(Self {
+                value: Duration::LONGEST,
+                text: s.to_string(),
+            });
+        }
         let d: kube::core::Duration = s
             .parse()
             .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 30s, 5m, 1h30m"))?;
@@ -58,10 +75,38 @@ impl FromStr for Duration {
             return Err(format!("{s:?} is negative; durations must be positive"));
         }
         Ok(Self {
-            value: d.into(),
+            value: std::time::Duration::from(d).min(Duration::LONGEST),
             text: s.to_string(),
         })
     }
+}
+
+/// The seconds a duration literal stands for, roughly (as a float, which
+/// does not overflow); `None` when it is not one.
+fn approx_secs(s: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        let number: f64 = rest[..digits].parse().ok()?;
+        rest = &rest[digits..];
+        let (unit, secs) = [
+            ("ns", 1e-9),
+            ("us", 1e-6),
+            ("µs", 1e-6),
+            ("ms", 1e-3),
+            ("s", 1.0),
+            ("m", 60.0),
+            ("h", 3600.0),
+        ]
+        .into_iter()
+        .find(|(unit, _)| rest.starts_with(unit))?;
+        rest = &rest[unit.len()..];
+        total += number * secs;
+    }
+    Some(total)
 }
 
 impl fmt::Display for Duration {
@@ -152,4 +197,48 @@ pub mod condition {
     pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
     /// Everything declared is running.
     pub const REASON_RECONCILED: &str = "Reconciled";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Duration;
+
+    #[test]
+    fn durations_keep_their_text_and_refuse_what_is_not_one() {
+        let d: Duration = "1h30m250ms".parse().unwrap();
+        assert_eq!(d.as_std(), std::time::Duration::from_millis(5_400_250));
+        assert_eq!(d.to_string(), "1h30m250ms");
+        assert_eq!(
+            "1.5m".parse::<Duration>().unwrap().as_std(),
+            std::time::Duration::from_secs(90)
+        );
+        for bad in ["", "5", "5d", "-5s", "1e400h", "h"] {
+            assert!(bad.parse::<Duration>().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_duration_past_a_hundred_years_is_a_hundred_years_not_a_panic() {
+        // The API server admits any number of digits; parsing one too long
+        // for std::time::Duration used to panic the operator's watch.
+        for long in [
+            "9999999999999999h",
+            "99999999999999999999h",
+            "1h99999999999999999999999s",
+            "5000000000000000h",
+            "876001h",
+        ] {
+            let d: Duration = long.parse().unwrap();
+            assert_eq!(d.as_std(), Duration::LONGEST, "{long}");
+            assert_eq!(d.to_string(), long);
+        }
+        let d: Duration = "876000h".parse().unwrap();
+        assert_eq!(d.as_std(), Duration::LONGEST);
+        let d: Duration = "875999h".parse().unwrap();
+        assert!(d.as_std() < Duration::LONGEST);
+        let d: Duration = serde_json::from_value(serde_json::json!("9999999999999999h")).unwrap();
+        assert_eq!(d.as_std(), Duration::LONGEST);
+        // The broker counts in i64 nanoseconds.
+        assert!(i64::try_from(Duration::LONGEST.as_nanos()).is_ok());
+    }
 }

@@ -263,3 +263,21 @@ fn a_policy_without_escalation_expires_directly() {
     .unwrap();
     assert_eq!(expired.state, CaseState::Expired);
 }
+
+#[test]
+fn an_expiry_too_long_to_count_is_a_deadline_a_hundred_years_on() {
+    // Admitted by the API server (any digits); it used to panic the
+    // operator while reading the policy, or opening a case with it.
+    let p = {
+        let mut s = policy().spec;
+        s.expiry = Some(Expiry {
+            after: "9999999999999999h".parse().unwrap(),
+            then: ExpiryAction::Escalate,
+            escalate_to: None,
+        });
+        CompiledPolicy::compile("p", &s).unwrap()
+    };
+    let (deadline, _) = p.expiry(now());
+    let deadline = deadline.unwrap();
+    assert_eq!(deadline.years_since(now()), Some(99), "{deadline}");
+}
