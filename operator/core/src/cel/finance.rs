@@ -326,11 +326,30 @@ pub fn parse_decimal(s: &str) -> Result<Decimal, String> {
         return Err(format!("{s:?} is not a decimal number"));
     }
     let parsed = if t.contains(['e', 'E']) {
-        Decimal::from_scientific(t)
+        Decimal::from_scientific(t).and_then(|d| {
+            // It rounds what does not fit; from_str_exact refuses it.
+            if significant(t.split(['e', 'E']).next().unwrap_or(t))
+                == significant(&d.abs().to_string())
+            {
+                Ok(d)
+            } else {
+                Err(rust_decimal::Error::Underflow)
+            }
+        })
     } else {
         Decimal::from_str_exact(t)
     };
     parsed.map_err(|e| format!("{s:?} is not a decimal number ({e})"))
+}
+
+/// The significant digits of a plain number: without sign, point, and
+/// leading or trailing zeros ("" for zero).
+fn significant(plain: &str) -> String {
+    let digits: String = plain.chars().filter(char::is_ascii_digit).collect();
+    digits
+        .trim_start_matches('0')
+        .trim_end_matches('0')
+        .to_string()
 }
 
 /// Order two values: exactly when either is a decimal, by CEL's rules otherwise.

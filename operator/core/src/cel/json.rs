@@ -568,6 +568,36 @@ mod tests {
     }
 
     #[test]
+    fn an_exponent_keeps_every_digit_or_is_refused() {
+        for (text, read) in [
+            ("123.450e1", "1234.50"),
+            ("1e28", "10000000000000000000000000000"),
+            ("-2.5E-3", "-0.0025"),
+            ("0e5", "0"),
+            (
+                "1.2345678901234567890123456789e3",
+                "1234.5678901234567890123456789",
+            ),
+        ] {
+            let v = parse(text.as_bytes()).unwrap();
+            assert_eq!(to_string(&v).unwrap(), read, "{text}");
+        }
+        // Plain, these do not fit 28 digits and are refused; written with an
+        // exponent they were rounded.
+        for text in [
+            "1.2345678901234567890123456789012e3",
+            "1.00000000000000000000000000001e0",
+            "1e-30",
+        ] {
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert!(
+                e.0.contains("does not fit a decimal of 28 digits"),
+                "{text}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn malformed_json_is_refused() {
         for bad in [
             &b"{"[..],
