@@ -264,6 +264,29 @@ async fn request_timeout_and_throttling_are_retried_other_4xx_are_not() {
     ));
 }
 
+/// A 409 to a request with an idempotency key says its first request is
+/// still in progress: tried again, the answer is the booking it made.
+#[tokio::test]
+async fn a_409_to_a_keyed_request_is_retried_for_its_answer() {
+    let api = serve(statuses(&[409, 409])).await;
+    let client = erp(&api.url(), fast_retries(5));
+    let keyed = CallRequest::new("createInvoice").idempotency_key("finance/s2i/4711/invoice");
+    let resp = client.call(&keyed, &|_, _| {}).await.unwrap();
+    assert_eq!((resp.status, resp.attempts), (200, 3));
+    assert_eq!(resp.body, r#"{"id":"INV-1"}"#);
+    // Never anything but 409: the key is in use for good; the call fails.
+    let api = serve(|_| Reply::status(409)).await;
+    let client = erp(&api.url(), fast_retries(3));
+    let err = client.call(&keyed, &|_, _| {}).await.unwrap_err();
+    assert_eq!(
+        err,
+        CallError::Exhausted {
+            attempts: 3,
+            last: "HTTP 409".into()
+        }
+    );
+}
+
 #[tokio::test]
 async fn persistent_5xx_exhausts_the_attempts() {
     let api = serve(|_| Reply::status(500)).await;
