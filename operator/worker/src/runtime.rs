@@ -121,6 +121,10 @@ pub struct Worker {
     /// racing into a compare-and-set conflict (and repeating their calls).
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     max_in_flight: usize,
+    /// One permit per message in flight, events and timers alike: at most
+    /// `max_in_flight` are processed at once, and on shutdown every one is
+    /// finished before the worker stops.
+    slots: Arc<Semaphore>,
     /// How long the broker waits for an ack before redelivering.
     ack_wait: Duration,
     /// The largest instance the broker stores in one message (its
@@ -290,6 +294,7 @@ impl Worker {
             cache: Mutex::new(HeldInstances::new(config.instance_cache_bytes)),
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
+            slots: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
             ack_wait: config.ack_wait,
             max_state,
             flushed: tokio::sync::Mutex::new(Counts::default()),
@@ -367,7 +372,7 @@ impl Worker {
             .messages()
             .await
             .map_err(|e| Error::Setup(format!("failed to consume events: {e}")))?;
-        let slots = Arc::new(Semaphore::new(self.max_in_flight));
+        let slots = self.slots.clone();
         loop {
             let msg = tokio::select! {
                 _ = shutdown.changed() => break,
@@ -413,9 +418,14 @@ impl Worker {
                 break;
             }
         }
-        // Graceful: wait for every message in flight to be stored and acked.
-        let _ = slots.acquire_many(self.max_in_flight as u32).await;
+        self.drain().await;
         Ok(())
+    }
+
+    /// Wait until every message in flight, event or timer, is stored and
+    /// acknowledged (or handed back).
+    async fn drain(&self) {
+        let _ = self.slots.acquire_many(self.max_in_flight as u32).await;
     }
 
     /// Add what this process counted since the last flush to the shared
@@ -1502,6 +1512,8 @@ impl Worker {
         let mut messages = self
             .handles
             .timers
+            .stream()
+            .max_messages_per_batch(self.max_in_flight.min(512))
             .messages()
             .await
             .map_err(|e| Error::Setup(format!("failed to consume timers: {e}")))?;
@@ -1516,9 +1528,21 @@ impl Worker {
                 }
                 continue;
             };
+            // A day's wake-ups falling due together take turns with the
+            // events instead of all loading and calling at once.
+            let permit = self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore open");
             let this = self.clone();
-            tokio::spawn(async move { this.handle_timer(msg).await });
+            tokio::spawn(async move {
+                this.handle_timer(msg).await;
+                drop(permit);
+            });
         }
+        self.drain().await;
         Ok(())
     }
 

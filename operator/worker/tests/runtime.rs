@@ -1033,3 +1033,79 @@ async fn an_outbox_is_published_again_on_reading_only_when_it_may_not_have_been(
     assert_eq!(times("ORD-2"), 2, "not acknowledged: published again");
     verified_trail(&env.nats.url(), NS).await;
 }
+
+/// A wait of one second, then a GET of the order.
+fn pause_then_get(def: &tallyman_core::engine::Definition) -> tallyman_core::engine::Definition {
+    let mut def = with_steps(
+        def,
+        serde_json::json!([
+            {"name": "both", "await": {"events": ["order.created", "shipment.confirmed"]}},
+            {"name": "pause", "wait": {"for": "1s"}},
+            {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
+        ]),
+    );
+    def.spec.sla = None;
+    def
+}
+
+/// On shutdown a timer's work in flight is finished like an event's: the
+/// worker stops once the instance it woke is stored, not halfway through
+/// the call the timer led to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_for_a_timer_in_flight() {
+    let env = env("shipment-to-invoice").await;
+    let def = pause_then_get(&env.def);
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "WOKEN", 5, "0.10");
+    env.erp.delay("/orders", Duration::from_millis(1500));
+    publish_order_and_shipment(&js, "WOKEN", 5).await;
+    wait_for(
+        "the woken instance to call",
+        Duration::from_secs(10),
+        || env.erp.requests("/orders") == 1,
+    )
+    .await;
+    let worker = run.worker.clone();
+    run.shutdown().await;
+    let inst = worker.instance("WOKEN").await.unwrap().unwrap();
+    assert_eq!(
+        inst.status,
+        Status::Completed,
+        "stored before the worker stopped"
+    );
+    assert_eq!(worker.stats.timers.load(Ordering::Relaxed), 1);
+}
+
+/// Timers falling due together take turns with the events for the
+/// worker's `max_in_flight`, instead of all loading and calling at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_due_together_stay_within_max_in_flight() {
+    let env = env("shipment-to-invoice").await;
+    let def = pause_then_get(&env.def);
+    let run = start_tuned(
+        &env.nats.url(),
+        &def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.max_in_flight = 1,
+    )
+    .await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    env.erp.delay("/orders", Duration::from_millis(1500));
+    for order in ["DUE-1", "DUE-2"] {
+        seed_order(&env.erp, order, 5, "0.10");
+        publish_order_and_shipment(&js, order, 5).await;
+    }
+    wait_for("a woken instance to call", Duration::from_secs(10), || {
+        env.erp.requests("/orders") == 1
+    })
+    .await;
+    // Both are due by now; the second call waits for the first's answer.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(env.erp.requests("/orders"), 1, "one call at a time");
+    for order in ["DUE-1", "DUE-2"] {
+        wait_status(&run, order, Status::Completed).await;
+    }
+    run.shutdown().await;
+}
