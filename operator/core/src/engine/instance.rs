@@ -103,9 +103,8 @@ pub enum Outbound {
     Wake {
         due_ms: i64,
     },
-    /// Remove the instance's schedule: nothing is armed any more (it ended,
-    /// or what it waits for has no timeout). A wake-up nobody needs would
-    /// otherwise fire hours later, and be stored until then.
+    /// Remove the instance's schedule: it ended. A wake-up nobody needs
+    /// would otherwise fire hours later, and be stored until then.
     CancelWake,
     DeadLetter {
         msg_id: String,
@@ -275,16 +274,20 @@ impl Instance {
 
     /// Settle the wake-up of the inputs applied since the commit that left
     /// `scheduled` with the broker: the outbox ends up with one `Wake` when
-    /// the instance needs another, `CancelWake` when it needs none any more,
-    /// and nothing when the schedule stays as it is.
+    /// the instance needs another, `CancelWake` when it ended with one
+    /// scheduled, and nothing when the schedule stays as it is. A running
+    /// instance that needs none any more leaves its schedule to fire into
+    /// nothing: removing it could race a replica that has armed a newer
+    /// one on the same subject since, and remove that one instead.
     pub fn settle_wake(&mut self, scheduled: Option<i64>) {
         self.outbox
             .retain(|o| !matches!(o, Outbound::Wake { .. } | Outbound::CancelWake));
         if scheduled != self.wake_ms {
-            self.outbox.push(match self.wake_ms {
-                Some(due_ms) => Outbound::Wake { due_ms },
-                None => Outbound::CancelWake,
-            });
+            match self.wake_ms {
+                Some(due_ms) => self.outbox.push(Outbound::Wake { due_ms }),
+                None if !self.is_running() => self.outbox.push(Outbound::CancelWake),
+                None => {}
+            }
         }
     }
 

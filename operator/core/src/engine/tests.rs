@@ -948,6 +948,63 @@ fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
 }
 
 #[test]
+fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
+    // Removing the schedule of a running instance could race a replica
+    // that armed a newer one on the same subject and remove that instead;
+    // a wake-up nobody needs fires into nothing.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    let report = validate::validate_paths(&[dir]);
+    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    def.spec.sla = None;
+    def.spec.trigger.events.push("payment.received".into());
+    def.spec.steps = serde_json::from_value(serde_json::json!([
+        {"name": "ship", "await": {"events": ["shipment.confirmed"], "timeout": "1h"}},
+        {"name": "paid", "await": {"events": ["payment.received"]}},
+    ]))
+    .unwrap();
+    let def = Compiled::new(def).unwrap();
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    let at_1h = (t0() + chrono::Duration::hours(1)).timestamp_millis();
+    assert_eq!(m.apply(&mut inst, order_created()), Next::Idle);
+    inst.settle_wake(None);
+    assert_eq!(inst.outbox.last(), Some(&Outbound::Wake { due_ms: at_1h }));
+    inst.clear_outbox();
+    m.apply(&mut inst, shipment(5));
+    assert_eq!(
+        (inst.status, inst.step, inst.wake_ms),
+        (Status::Running, 1, None)
+    );
+    inst.settle_wake(Some(at_1h));
+    assert!(
+        !inst
+            .outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::CancelWake)),
+        "{:?}",
+        inst.outbox
+    );
+    // The wake-up fires into nothing: no change but the clock.
+    let later = Machine::new(&def, t0() + chrono::Duration::hours(1));
+    let before = inst.clone();
+    inst.clear_outbox();
+    assert_eq!(later.apply(&mut inst, Input::Wake), Next::Idle);
+    assert_eq!(
+        (inst.step, inst.wake_ms, &inst.timers),
+        (1, None, &before.timers)
+    );
+    // Once it ends, the schedule is removed.
+    m.apply(
+        &mut inst,
+        event("p-1", "payment.received", r#"{"orderId": "4711"}"#),
+    );
+    assert_eq!(inst.status, Status::Completed);
+    inst.clear_outbox();
+    inst.settle_wake(Some(at_1h));
+    assert_eq!(inst.outbox, [Outbound::CancelWake]);
+}
+
+#[test]
 fn a_variable_set_again_is_read_with_its_new_value() {
     // Steps read the variables through maps the machine keeps between
     // steps while nothing in them changed; `n` changes value, not name.
