@@ -576,14 +576,8 @@ impl Worker {
     /// The event in `msg` and the key of its instance; `None` when it can
     /// never be processed (it is dead-lettered).
     async fn decode(&self, msg: &jetstream::Message) -> Option<(String, Event, Values)> {
-        let ev = match serde_json::from_slice::<WireEvent>(&msg.payload) {
-            Ok(w) => Event {
-                id: w.id,
-                type_: w.type_,
-                source: w.source,
-                time: w.time,
-                data: w.data.get().to_string(),
-            },
+        let ev = match wire_event(msg) {
+            Ok(ev) => ev,
             Err(e) => {
                 self.poison(msg, &format!("not a canonical event: {e}"))
                     .await;
@@ -621,26 +615,24 @@ impl Worker {
             parsed,
         } = group;
         match self.process_parsed(&key, inputs, &msgs, parsed).await {
-            Ok(()) => {
+            // Together too large to store: each on its own, so only an
+            // event that cannot be stored alone is dead-lettered. Their
+            // calls are made again, with the same idempotency keys.
+            Err(Error::Unstorable(_)) if msgs.len() > 1 => {
+                debug!(
+                    key,
+                    "events too large to store together; applying them one by one"
+                );
                 for msg in &msgs {
-                    if let Err(e) = msg.ack().await {
-                        warn!(error = %e, "failed to ack an event");
-                    }
-                }
-            }
-            Err(Error::Unstorable(reason)) => {
-                for msg in &msgs {
-                    self.poison(msg, &reason).await;
-                }
-            }
-            Err(e) => {
-                warn!(key, error = %e, "events not processed; they will be redelivered");
-                for msg in &msgs {
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                    let Ok(ev) = wire_event(msg) else { continue };
+                    let alone = std::slice::from_ref(msg);
+                    let result = self
+                        .process_parsed(&key, vec![Input::Event(ev)], alone, Values::default())
                         .await;
+                    self.settle(&key, alone, result).await;
                 }
             }
+            result => self.settle(&key, &msgs, result).await,
         }
         let duration = self
             .metrics
@@ -651,6 +643,33 @@ impl Worker {
             duration.observe(started.elapsed().as_secs_f64());
         }
         drop(permits);
+    }
+
+    /// Acknowledge `msgs` after `result`, dead-letter them when they cannot
+    /// be stored, or have them redelivered.
+    async fn settle(&self, key: &str, msgs: &[Arc<jetstream::Message>], result: Result<(), Error>) {
+        match result {
+            Ok(()) => {
+                for msg in msgs {
+                    if let Err(e) = msg.ack().await {
+                        warn!(error = %e, "failed to ack an event");
+                    }
+                }
+            }
+            Err(Error::Unstorable(reason)) => {
+                for msg in msgs {
+                    self.poison(msg, &reason).await;
+                }
+            }
+            Err(e) => {
+                warn!(key, error = %e, "events not processed; they will be redelivered");
+                for msg in msgs {
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                        .await;
+                }
+            }
+        }
     }
 
     /// A message that can never be processed goes to the dead-letter subject
@@ -1780,6 +1799,17 @@ fn delivered(msgs: &[Arc<jetstream::Message>]) -> Option<Delivered> {
         }
     }
     out
+}
+
+/// The canonical event a message carries.
+fn wire_event(msg: &jetstream::Message) -> Result<Event, serde_json::Error> {
+    serde_json::from_slice::<WireEvent>(&msg.payload).map(|w| Event {
+        id: w.id,
+        type_: w.type_,
+        source: w.source,
+        time: w.time,
+        data: w.data.get().to_string(),
+    })
 }
 
 fn json_str(s: &str) -> String {
