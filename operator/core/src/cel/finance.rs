@@ -16,7 +16,7 @@
 //! | `round(d, 2)` / `roundHalfUp(d, 2)` | half-even / half-up to 2 places |
 //! | `abs(d)` | absolute value |
 //! | `pct(part, whole)` | `part / whole * 100` |
-//! | `within(a, b, tolerance)` | `abs(a - b) <= tolerance` |
+//! | `within(a, b, tolerance)` | `abs(a - b) <= abs(tolerance)` |
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -77,6 +77,50 @@ fn numeric(v: &Value) -> Option<Decimal> {
         other => as_decimal(other),
     }
 }
+
+/// `x + y` exactly, or `None` when the exact sum does not fit a decimal
+/// (rust_decimal would round it to fit, and drop digits without a word).
+pub fn exact_add(x: Decimal, y: Decimal) -> Option<Decimal> {
+    let r = x.checked_add(y)?;
+    // Kept the larger scale: nothing was cut.
+    if r.scale() >= x.scale().max(y.scale()) {
+        return Some(r);
+    }
+    let (x, y) = (x.normalize(), y.normalize());
+    let scale = x.scale().max(y.scale());
+    let aligned = |d: Decimal| {
+        d.mantissa()
+            .checked_mul(10i128.checked_pow(scale - d.scale())?)
+    };
+    fits(aligned(x)?.checked_add(aligned(y)?)?, scale).map(|_| r)
+}
+
+/// `x * y` exactly, or `None` when the exact product does not fit a
+/// decimal.
+pub fn exact_mul(x: Decimal, y: Decimal) -> Option<Decimal> {
+    let r = x.checked_mul(y)?;
+    if r.scale() == x.scale() + y.scale() {
+        return Some(r);
+    }
+    let (x, y) = (x.normalize(), y.normalize());
+    fits(
+        x.mantissa().checked_mul(y.mantissa())?,
+        x.scale() + y.scale(),
+    )
+    .map(|_| r)
+}
+
+/// The decimal `mantissa / 10^scale`, when one holds it exactly.
+fn fits(mut mantissa: i128, mut scale: u32) -> Option<Decimal> {
+    while scale > 0 && mantissa % 10 == 0 {
+        mantissa /= 10;
+        scale -= 1;
+    }
+    Decimal::try_from_i128_with_scale(mantissa, scale).ok()
+}
+
+/// Why exact arithmetic gave no result.
+const INEXACT: &str = "overflow, or more digits than a decimal holds (28): round an operand first";
 
 fn err(function: &str, message: impl ToString) -> ExecutionError {
     ExecutionError::function_error(function, message)
@@ -162,28 +206,25 @@ pub fn rewrite(e: &mut IdedExpr) {
 pub fn register(ctx: &mut Context<'_>) {
     ctx.add_function("@tallyman.add", |a: Value, b: Value| -> ResolveResult {
         match decimal_pair("+", &a, &b)? {
-            Some((x, y)) => x
-                .checked_add(y)
+            Some((x, y)) => exact_add(x, y)
                 .map(decimal_value)
-                .ok_or_else(|| err("+", "overflow")),
+                .ok_or_else(|| err("+", INEXACT)),
             None => a + b,
         }
     });
     ctx.add_function("@tallyman.sub", |a: Value, b: Value| -> ResolveResult {
         match decimal_pair("-", &a, &b)? {
-            Some((x, y)) => x
-                .checked_sub(y)
+            Some((x, y)) => exact_add(x, -y)
                 .map(decimal_value)
-                .ok_or_else(|| err("-", "overflow")),
+                .ok_or_else(|| err("-", INEXACT)),
             None => a - b,
         }
     });
     ctx.add_function("@tallyman.mul", |a: Value, b: Value| -> ResolveResult {
         match decimal_pair("*", &a, &b)? {
-            Some((x, y)) => x
-                .checked_mul(y)
+            Some((x, y)) => exact_mul(x, y)
                 .map(decimal_value)
-                .ok_or_else(|| err("*", "overflow")),
+                .ok_or_else(|| err("*", INEXACT)),
             None => a * b,
         }
     });
@@ -238,17 +279,22 @@ pub fn register(ctx: &mut Context<'_>) {
     ctx.add_function(
         "sum",
         |This(list): This<Arc<Vec<Value>>>| -> ResolveResult {
-            let mut acc = Value::Int(0);
-            for item in list.iter() {
-                acc = match decimal_pair("sum", &acc, item)? {
-                    Some((x, y)) => x
-                        .checked_add(y)
-                        .map(decimal_value)
-                        .ok_or_else(|| err("sum", "overflow"))?,
-                    None => (acc + item.clone())?,
-                };
+            // With a decimal anywhere, every item counts as a decimal, so
+            // the order of the items does not matter.
+            if list.iter().any(|v| as_decimal(v).is_some()) {
+                let mut acc = Decimal::ZERO;
+                for item in list.iter() {
+                    let d =
+                        numeric(item).ok_or_else(|| err("sum", format!("cannot add {item:?}")))?;
+                    acc = exact_add(acc, d).ok_or_else(|| err("sum", INEXACT))?;
+                }
+                return Ok(decimal_value(acc));
             }
-            Ok(acc)
+            let mut items = list.iter();
+            let Some(first) = items.next() else {
+                return Ok(Value::Int(0));
+            };
+            items.try_fold(first.clone(), |acc, item| acc + item.clone())
         },
     );
     ctx.add_function("round", |Arguments(args): Arguments| {
@@ -286,7 +332,7 @@ pub fn register(ctx: &mut Context<'_>) {
             match (numeric(&a), numeric(&b), numeric(&tolerance)) {
                 (Some(a), Some(b), Some(t)) => a
                     .checked_sub(b)
-                    .map(|d| Value::Bool(d.abs() <= t))
+                    .map(|d| Value::Bool(d.abs() <= t.abs()))
                     .ok_or_else(|| err("within", "overflow")),
                 _ => Err(err("within", "within(a, b, tolerance) takes three numbers")),
             }

@@ -266,8 +266,12 @@ impl<'a> Parser<'a> {
             p.i > from
         };
         self.eat(b"-");
+        let leading_zero = self.s.get(self.i) == Some(&b'0');
         if !digits(self) {
             return Err(self.error("a number needs digits"));
+        }
+        if leading_zero && self.i - start > 1 + usize::from(self.s[start] == b'-') {
+            return Err(self.error("a number may not start with 0"));
         }
         let mut integral = true;
         if self.eat(b".") {
@@ -374,7 +378,10 @@ impl<'a> Parser<'a> {
             .s
             .get(self.i..self.i + 4)
             .ok_or_else(|| self.error("short \\u escape"))?;
-        let text = std::str::from_utf8(digits).map_err(|_| self.error("invalid \\u escape"))?;
+        if !digits.iter().all(u8::is_ascii_hexdigit) {
+            return Err(self.error("invalid \\u escape"));
+        }
+        let text = std::str::from_utf8(digits).expect("hex digits");
         let v = u32::from_str_radix(text, 16).map_err(|_| self.error("invalid \\u escape"))?;
         self.i += 4;
         Ok(v)
@@ -608,8 +615,16 @@ mod tests {
             b"1.",
             b"-",
             b"[] []",
+            b"01",
+            b"-007.5",
+            b"[00]",
+            b"\"\\u+041\"",
+            b"\"\\u-041\"",
         ] {
             assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        for good in ["0", "-0", "0.5", "-0.5", "0e1", "[0,10,100]", r#""\u00e9""#] {
+            assert!(parse(good.as_bytes()).is_ok(), "{good}");
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(parse(deep.as_bytes()).is_err());

@@ -449,6 +449,76 @@ mod tests {
         assert_eq!(eval("round(decimal('2.355'), 2)", &Vars::new()), "2.36");
     }
 
+    fn fails(src: &str) -> String {
+        let p = Program::compile(src, Scope::Step).unwrap();
+        p.eval(&Vars::new()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn arithmetic_keeps_every_digit_or_fails() {
+        // rust_decimal rounds a result that needs more than its 28 digits
+        // to fit; an amount must not lose a digit without a word.
+        for src in [
+            "decimal('10000000000') + decimal('0.0000000000000000001')",
+            "decimal('10000000000') - decimal('0.0000000000000000001')",
+            "decimal('12345678901234567890.12345678') * decimal('1.19')",
+            "decimal('0.000000000000001') * decimal('0.00000000000001')",
+            "[decimal('10000000000'), decimal('0.0000000000000000001')].sum()",
+        ] {
+            assert!(
+                fails(src).contains("more digits than a decimal holds"),
+                "{src}"
+            );
+        }
+        // Exact results still come out, trailing zeros cut where they must.
+        let v = Vars::new();
+        assert_eq!(
+            eval(
+                "decimal('12345678901234567890.1234567') * decimal('1.1')",
+                &v
+            ),
+            "13580246791358024679.13580237"
+        );
+        assert_eq!(
+            eval("decimal('0.3333333333333333333333333333') * 100", &v),
+            "33.333333333333333333333333330"
+        );
+        assert_eq!(
+            eval(
+                "decimal('1000000000000000000000000000.0') + decimal('0.0')",
+                &v
+            ),
+            "1000000000000000000000000000.0"
+        );
+        assert_eq!(eval("decimal('0.5') * decimal('0.2')", &v), "0.10");
+        assert_eq!(eval("decimal('19.99') * 3 - decimal('0.97')", &v), "59.00");
+    }
+
+    #[test]
+    fn a_sum_does_not_depend_on_the_order_of_its_items() {
+        let v = Vars::new();
+        assert_eq!(eval("[decimal('1'), 1.5].sum()", &v), "2.5");
+        assert_eq!(eval("[1.5, decimal('1')].sum()", &v), "2.5");
+        assert_eq!(eval("[2, decimal('0.25'), 1u].sum()", &v), "3.25");
+        // Without a decimal, as CEL adds: doubles in floating point.
+        assert_eq!(eval("[1.5, 2.5].sum()", &v), "4");
+        assert_eq!(eval("[1, 2].sum()", &v), "3");
+        assert_eq!(eval("[].sum()", &v), "0");
+    }
+
+    #[test]
+    fn a_tolerance_taken_from_a_negative_amount_still_holds() {
+        // A credit note: the tolerance computed from the reference amount
+        // is negative, and equal amounts must still be within it.
+        let v = Vars::new();
+        let po = "decimal('-100.00')";
+        let check =
+            |inv: &str| format!("within({inv}, {po}, roundHalfUp({po} * decimal('0.005'), 2))");
+        assert_eq!(eval(&check("decimal('-100.00')"), &v), "true");
+        assert_eq!(eval(&check("decimal('-100.50')"), &v), "true");
+        assert_eq!(eval(&check("decimal('-100.51')"), &v), "false");
+    }
+
     #[test]
     fn a_three_way_match_within_tolerance() {
         let v = event(

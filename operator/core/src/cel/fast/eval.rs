@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 
 use super::compile::{Arith, Cmp, Comprehension, GLOBALS, Node, StrFn};
 use super::value::{Val, ValMap};
-use crate::cel::finance::{decimal_from_f64, parse_decimal};
+use crate::cel::finance::{decimal_from_f64, exact_add, exact_mul, parse_decimal};
 
 /// Why the fast path gave no value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,11 +160,22 @@ impl<'a> Eval<'a> {
                 let Val::List(items) = self.eval(a)? else {
                     return Err(Fail::Error);
                 };
-                let mut acc = Val::Int(0);
-                for item in items.iter() {
-                    acc = arith(Arith::Add, acc, item.clone())?;
+                // As `finance::sum`: with a decimal anywhere, all as decimals.
+                if items.iter().any(|v| matches!(v, Val::Dec(_))) {
+                    let mut acc = Decimal::ZERO;
+                    for item in items.iter() {
+                        let d = numeric(item).ok_or(Fail::Error)?;
+                        acc = exact_add(acc, d).ok_or(Fail::Error)?;
+                    }
+                    return Ok(Val::Dec(acc));
                 }
-                Ok(acc)
+                let mut rest = items.iter();
+                let Some(first) = rest.next() else {
+                    return Ok(Val::Int(0));
+                };
+                rest.try_fold(first.clone(), |acc, item| {
+                    arith(Arith::Add, acc, item.clone())
+                })
             }
             Node::Round(v, places, strategy) => {
                 let v = self.eval(v)?;
@@ -204,7 +215,7 @@ impl<'a> Eval<'a> {
                 match (numeric(&a), numeric(&b), numeric(&t)) {
                     (Some(a), Some(b), Some(t)) => a
                         .checked_sub(b)
-                        .map(|d| Val::Bool(d.abs() <= t))
+                        .map(|d| Val::Bool(d.abs() <= t.abs()))
                         .ok_or(Fail::Error),
                     _ => Err(Fail::Error),
                 }
@@ -327,9 +338,9 @@ fn arith(op: Arith, a: Val, b: Val) -> R {
             return Err(Fail::Error);
         };
         let r = match op {
-            Arith::Add => x.checked_add(y),
-            Arith::Sub => x.checked_sub(y),
-            Arith::Mul => x.checked_mul(y),
+            Arith::Add => exact_add(x, y),
+            Arith::Sub => exact_add(x, -y),
+            Arith::Mul => exact_mul(x, y),
             Arith::Div if y.is_zero() => None,
             Arith::Div => x.checked_div(y),
         };
