@@ -95,6 +95,11 @@ pub fn exact_add(x: Decimal, y: Decimal) -> Option<Decimal> {
     fits(aligned(x)?.checked_add(aligned(y)?)?, scale).map(|_| r)
 }
 
+/// `x - y` exactly (as [`exact_add`]); `0 - 0` is `0`, not `-0`.
+pub fn exact_sub(x: Decimal, y: Decimal) -> Option<Decimal> {
+    exact_add(x, if y.is_zero() { y } else { -y })
+}
+
 /// `x * y` exactly, or `None` when the exact product does not fit a
 /// decimal.
 pub fn exact_mul(x: Decimal, y: Decimal) -> Option<Decimal> {
@@ -102,12 +107,28 @@ pub fn exact_mul(x: Decimal, y: Decimal) -> Option<Decimal> {
     if r.scale() == x.scale() + y.scale() {
         return Some(r);
     }
-    let (x, y) = (x.normalize(), y.normalize());
-    fits(
-        x.mantissa().checked_mul(y.mantissa())?,
-        x.scale() + y.scale(),
-    )
-    .map(|_| r)
+    // Digits and a power of ten each, trailing zeros moved into the power
+    // (an integer's too: 10^12 is 1 × 10^12), so the digits multiply
+    // within an i128 whenever the product can fit.
+    let (mx, ex) = digits(x);
+    let (my, ey) = digits(y);
+    let (m, e) = (mx.checked_mul(my)?, ex + ey);
+    let exact = if e >= 0 {
+        fits(m.checked_mul(10i128.checked_pow(e as u32)?)?, 0)
+    } else {
+        fits(m, e.unsigned_abs())
+    };
+    exact.map(|_| r)
+}
+
+/// `d` as digits × 10^exponent, the digits without trailing zeros.
+fn digits(d: Decimal) -> (i128, i32) {
+    let (mut m, mut e) = (d.mantissa(), -(d.scale() as i32));
+    while m != 0 && m % 10 == 0 {
+        m /= 10;
+        e += 1;
+    }
+    (m, e)
 }
 
 /// The decimal `mantissa / 10^scale`, when one holds it exactly.
@@ -214,7 +235,7 @@ pub fn register(ctx: &mut Context<'_>) {
     });
     ctx.add_function("@tallyman.sub", |a: Value, b: Value| -> ResolveResult {
         match decimal_pair("-", &a, &b)? {
-            Some((x, y)) => exact_add(x, -y)
+            Some((x, y)) => exact_sub(x, y)
                 .map(decimal_value)
                 .ok_or_else(|| err("-", INEXACT)),
             None => a - b,

@@ -491,6 +491,12 @@ mod tests {
             "1000000000000000000000000000.0"
         );
         assert_eq!(eval("decimal('0.5') * decimal('0.2')", &v), "0.10");
+        assert_eq!(
+            eval("decimal('1000000000000') * (decimal(1) / 3)", &v),
+            "333333333333.33333333333333330"
+        );
+        assert_eq!(eval("decimal('0.00') - decimal('0.00')", &v), "0.00");
+        assert_eq!(eval("0 - decimal('0.00')", &v), "0.00");
         assert_eq!(eval("decimal('19.99') * 3 - decimal('0.97')", &v), "59.00");
     }
 

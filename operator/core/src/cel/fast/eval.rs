@@ -9,7 +9,7 @@ use rust_decimal::Decimal;
 
 use super::compile::{Arith, Cmp, Comprehension, GLOBALS, Node, StrFn};
 use super::value::{Val, ValMap};
-use crate::cel::finance::{decimal_from_f64, exact_add, exact_mul, parse_decimal};
+use crate::cel::finance::{decimal_from_f64, exact_add, exact_mul, exact_sub, parse_decimal};
 
 /// Why the fast path gave no value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -339,7 +339,7 @@ fn arith(op: Arith, a: Val, b: Val) -> R {
         };
         let r = match op {
             Arith::Add => exact_add(x, y),
-            Arith::Sub => exact_add(x, -y),
+            Arith::Sub => exact_sub(x, y),
             Arith::Mul => exact_mul(x, y),
             Arith::Div if y.is_zero() => None,
             Arith::Div => x.checked_div(y),
