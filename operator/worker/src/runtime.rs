@@ -623,14 +623,26 @@ impl Worker {
                     key,
                     "events too large to store together; applying them one by one"
                 );
-                for msg in &msgs {
-                    let Ok(ev) = wire_event(msg) else { continue };
-                    let alone = std::slice::from_ref(msg);
-                    let result = self
-                        .process_parsed(&key, vec![Input::Event(ev)], alone, Values::default())
-                        .await;
-                    self.settle(&key, alone, result).await;
-                }
+                // The others are kept alive meanwhile; after one that is to
+                // be tried again, the rest are too, so they stay in order.
+                let one_by_one = async {
+                    for (n, msg) in msgs.iter().enumerate() {
+                        let Ok(ev) = wire_event(msg) else { continue };
+                        let alone = std::slice::from_ref(msg);
+                        let result = self
+                            .process_parsed(&key, vec![Input::Event(ev)], alone, Values::default())
+                            .await;
+                        let again = matches!(&result, Err(e) if !matches!(e, Error::Unstorable(_)));
+                        self.settle(&key, alone, result).await;
+                        if again {
+                            let behind =
+                                Error::Store("an earlier event of its instance failed".into());
+                            self.settle(&key, &msgs[n + 1..], Err(behind)).await;
+                            break;
+                        }
+                    }
+                };
+                self.keep_alive(&msgs, one_by_one).await;
             }
             result => self.settle(&key, &msgs, result).await,
         }
