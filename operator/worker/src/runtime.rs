@@ -125,6 +125,9 @@ pub struct Worker {
     /// `max_in_flight` are processed at once, and on shutdown every one is
     /// finished before the worker stops.
     slots: Arc<Semaphore>,
+    /// The acknowledgement floors last read of the events and the timers
+    /// consumers (stream sequences; they only grow).
+    ack_floors: [AtomicU64; 2],
     /// How long the broker waits for an ack before redelivering.
     ack_wait: Duration,
     /// The largest instance the broker stores in one message (its
@@ -295,6 +298,7 @@ impl Worker {
             locks: Mutex::new(HashMap::new()),
             max_in_flight: config.max_in_flight.max(1),
             slots: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            ack_floors: [AtomicU64::new(0), AtomicU64::new(0)],
             ack_wait: config.ack_wait,
             max_state,
             flushed: tokio::sync::Mutex::new(Counts::default()),
@@ -1141,12 +1145,22 @@ impl Worker {
         };
         let consumer = [&self.handles.events, &self.handles.timers]
             .into_iter()
-            .find(|c| c.cached_info().name == delivered.consumer);
-        let Some(consumer) = consumer else {
+            .zip(&self.ack_floors)
+            .find(|(c, _)| c.cached_info().name == delivered.consumer);
+        let Some((consumer, known)) = consumer else {
             return true;
         };
+        // Read again only when the floor known is not past it yet: a day's
+        // wake-ups of instances not in memory ask once, not each.
+        if known.load(Ordering::Relaxed) >= delivered.stream_seq {
+            return false;
+        }
         match consumer.get_info().await {
-            Ok(info) => info.ack_floor.stream_sequence < delivered.stream_seq,
+            Ok(info) => {
+                let floor = info.ack_floor.stream_sequence;
+                known.fetch_max(floor, Ordering::Relaxed);
+                floor < delivered.stream_seq
+            }
             Err(e) => {
                 warn!(key = %inst.key, error = %e, "cannot tell whether the last outbox was published; publishing it again");
                 true
