@@ -116,7 +116,7 @@ fn instance(def: &Compiled, i: usize) -> usize {
         }
     }
     assert_eq!(inst.status, Status::Completed, "{:?}", inst.outcome);
-    inst.settle_wake(None);
+    inst.settle_wake(None, false);
     inst.seal_audits(&id_prefix(&def.def.namespace, &def.def.workflow, &key))
         .expect("seals");
     let bytes = serde_json::to_vec(&inst).expect("serializes");

@@ -942,7 +942,7 @@ impl Worker {
                 return Ok(());
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
-            inst.settle_wake(scheduled);
+            inst.settle_wake(scheduled, inputs.contains(&Input::Wake));
             inst.delivered = delivered.clone();
             inst.seal_audits(&self.msg_prefix(key))
                 .map_err(|e| Error::Store(e.to_string()))?;

@@ -169,6 +169,11 @@ pub struct Instance {
     /// The wake-up currently scheduled with the broker.
     #[serde(default)]
     pub wake_ms: Option<i64>,
+    /// A wake-up the instance no longer needs may still be scheduled: it
+    /// stopped needing one while running (see [`Instance::settle_wake`]),
+    /// and it has not fired since. Removed when the instance ends.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wake_left: bool,
     /// Counter behind timer tokens, emit ids and case names.
     pub seq: u64,
     pub audit_seq: u64,
@@ -233,6 +238,7 @@ impl Instance {
             sla_breached: false,
             timers: BTreeMap::new(),
             wake_ms: None,
+            wake_left: false,
             seq: 0,
             audit_seq: 0,
             audit_hash: GENESIS.into(),
@@ -275,19 +281,33 @@ impl Instance {
     /// Settle the wake-up of the inputs applied since the commit that left
     /// `scheduled` with the broker: the outbox ends up with one `Wake` when
     /// the instance needs another, `CancelWake` when it ended with one
-    /// scheduled, and nothing when the schedule stays as it is. A running
-    /// instance that needs none any more leaves its schedule to fire into
-    /// nothing: removing it could race a replica that has armed a newer
-    /// one on the same subject since, and remove that one instead.
-    pub fn settle_wake(&mut self, scheduled: Option<i64>) {
+    /// scheduled (or left), and nothing when the schedule stays as it is.
+    /// A running instance that needs none any more leaves its schedule to
+    /// fire into nothing ([`Instance::wake_left`]): removing it could race a
+    /// replica that has armed a newer one on the same subject since, and
+    /// remove that one instead. `fired`: the scheduled wake-up is one of
+    /// the inputs, so nothing is left scheduled.
+    pub fn settle_wake(&mut self, scheduled: Option<i64>, fired: bool) {
         self.outbox
             .retain(|o| !matches!(o, Outbound::Wake { .. } | Outbound::CancelWake));
-        if scheduled != self.wake_ms {
-            match self.wake_ms {
-                Some(due_ms) => self.outbox.push(Outbound::Wake { due_ms }),
-                None if !self.is_running() => self.outbox.push(Outbound::CancelWake),
-                None => {}
+        if fired {
+            self.wake_left = false;
+        }
+        let left = scheduled.is_some() || self.wake_left;
+        match self.wake_ms {
+            Some(due_ms) if scheduled != Some(due_ms) => {
+                // Replaces whatever the subject held.
+                self.outbox.push(Outbound::Wake { due_ms });
+                self.wake_left = false;
             }
+            Some(_) => {}
+            None if !self.is_running() => {
+                if left {
+                    self.outbox.push(Outbound::CancelWake);
+                }
+                self.wake_left = false;
+            }
+            None => self.wake_left = left,
         }
     }
 

@@ -905,7 +905,7 @@ fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
     let m = Machine::new(&def, t0());
     let at_4h = (t0() + chrono::Duration::hours(4)).timestamp_millis();
     let settled = |inst: &mut Instance, scheduled: Option<i64>| -> Vec<Outbound> {
-        inst.settle_wake(scheduled);
+        inst.settle_wake(scheduled, false);
         inst.outbox
             .iter()
             .filter(|o| matches!(o, Outbound::Wake { .. } | Outbound::CancelWake))
@@ -936,7 +936,7 @@ fn a_commit_leaves_one_wake_up_to_schedule_or_one_to_cancel() {
     // An input that changes nothing about the timers leaves the schedule.
     let mut inst = Instance::new("4713", &def.revision, 0);
     m.apply(&mut inst, order_created());
-    inst.settle_wake(None);
+    inst.settle_wake(None, false);
     inst.clear_outbox();
     let again = event(
         "o-2",
@@ -967,7 +967,7 @@ fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
     let mut inst = Instance::new("4711", &def.revision, 0);
     let at_1h = (t0() + chrono::Duration::hours(1)).timestamp_millis();
     assert_eq!(m.apply(&mut inst, order_created()), Next::Idle);
-    inst.settle_wake(None);
+    inst.settle_wake(None, false);
     assert_eq!(inst.outbox.last(), Some(&Outbound::Wake { due_ms: at_1h }));
     inst.clear_outbox();
     m.apply(&mut inst, shipment(5));
@@ -975,7 +975,7 @@ fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
         (inst.status, inst.step, inst.wake_ms),
         (Status::Running, 1, None)
     );
-    inst.settle_wake(Some(at_1h));
+    inst.settle_wake(Some(at_1h), false);
     assert!(
         !inst
             .outbox
@@ -984,7 +984,19 @@ fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
         "{:?}",
         inst.outbox
     );
-    // The wake-up fires into nothing: no change but the clock.
+    assert!(inst.wake_left);
+    let paid = || event("p-1", "payment.received", r#"{"orderId": "4711"}"#);
+
+    // Ended before it fired: the schedule left behind is removed then.
+    let mut ended = inst.clone();
+    ended.clear_outbox();
+    m.apply(&mut ended, paid());
+    assert_eq!(ended.status, Status::Completed);
+    ended.settle_wake(None, false);
+    assert_eq!(ended.outbox.last(), Some(&Outbound::CancelWake));
+    assert!(!ended.wake_left);
+
+    // It fires into nothing: no change but the clock, nothing left.
     let later = Machine::new(&def, t0() + chrono::Duration::hours(1));
     let before = inst.clone();
     inst.clear_outbox();
@@ -993,15 +1005,19 @@ fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
         (inst.step, inst.wake_ms, &inst.timers),
         (1, None, &before.timers)
     );
-    // Once it ends, the schedule is removed.
-    m.apply(
-        &mut inst,
-        event("p-1", "payment.received", r#"{"orderId": "4711"}"#),
-    );
+    inst.settle_wake(None, true);
+    assert!(!inst.wake_left && inst.outbox.is_empty());
+    // Then it ends with nothing scheduled: nothing to remove.
+    m.apply(&mut inst, paid());
     assert_eq!(inst.status, Status::Completed);
     inst.clear_outbox();
-    inst.settle_wake(Some(at_1h));
-    assert_eq!(inst.outbox, [Outbound::CancelWake]);
+    inst.settle_wake(None, false);
+    assert!(
+        !inst
+            .outbox
+            .iter()
+            .any(|o| matches!(o, Outbound::CancelWake))
+    );
 }
 
 #[test]
