@@ -60,6 +60,10 @@ impl FromStr for Duration {
         if s.is_empty() {
             return Err("an empty duration; use e.g. 30s, 5m, 1h30m".into());
         }
+        // Before its size is looked at: a long negative one would panic.
+        if s.starts_with('-') {
+            return Err(format!("{s:?} is negative; durations must be positive"));
+        }
         // Longer than a `std::time::Duration` holds (~5.8e11 years), the
         // parser below would panic; the API server admits any digits.
         if approx_secs(s).is_some_and(|secs| secs >= Duration::LONGEST.as_secs_f64()) {
@@ -85,7 +89,7 @@ impl FromStr for Duration {
 /// does not overflow); `None` when it is not one.
 fn approx_secs(s: &str) -> Option<f64> {
     let mut total = 0.0;
-    let mut rest = s;
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -96,6 +100,7 @@ fn approx_secs(s: &str) -> Option<f64> {
             ("ns", 1e-9),
             ("us", 1e-6),
             ("µs", 1e-6),
+            ("μs", 1e-6),
             ("ms", 1e-3),
             ("s", 1.0),
             ("m", 60.0),
@@ -212,7 +217,16 @@ mod tests {
             "1.5m".parse::<Duration>().unwrap().as_std(),
             std::time::Duration::from_secs(90)
         );
-        for bad in ["", "5", "5d", "-5s", "1e400h", "h"] {
+        for bad in [
+            "",
+            "5",
+            "5d",
+            "-5s",
+            "1e400h",
+            "h",
+            "-0s",
+            "-99999999999999999999h",
+        ] {
             assert!(bad.parse::<Duration>().is_err(), "{bad:?}");
         }
     }
@@ -227,6 +241,8 @@ mod tests {
             "1h99999999999999999999999s",
             "5000000000000000h",
             "876001h",
+            "+99999999999999999999h",
+            "99999999999999999999999999μs",
         ] {
             let d: Duration = long.parse().unwrap();
             assert_eq!(d.as_std(), Duration::LONGEST, "{long}");
