@@ -53,6 +53,17 @@ async fn health_readiness_metrics_and_a_poison_message() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(port, "/healthz").unwrap().0, 200);
+    // The series the alerts watch exist from the start, at zero: the first
+    // failure is an increase, not a series appearing.
+    let (_, fresh) = get(port, "/metrics").unwrap();
+    for line in [
+        r#"tallyman_worker_instances_ended_total{namespace="finance",workflow="shipment-to-invoice",outcome="failed"} 0"#,
+        r#"tallyman_worker_sla_breaches_total{namespace="finance",workflow="shipment-to-invoice"} 0"#,
+        r#"tallyman_worker_dead_letters_total{namespace="finance",workflow="shipment-to-invoice",step="invoice"} 0"#,
+        r#"tallyman_worker_dead_letters_total{namespace="finance",workflow="shipment-to-invoice",step="Consume"} 0"#,
+    ] {
+        assert!(fresh.contains(line), "missing {line} in\n{fresh}");
+    }
 
     let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     // A message that is no canonical event: dead-lettered, never blocking.
@@ -84,6 +95,8 @@ async fn health_readiness_metrics_and_a_poison_message() {
         r#"tallyman_worker_instances_started_total{namespace="finance",workflow="shipment-to-invoice"} 3"#,
         r#"tallyman_worker_instances_ended_total{namespace="finance",workflow="shipment-to-invoice",outcome="completed"} 3"#,
         r#"tallyman_worker_events_received_total{namespace="finance",workflow="shipment-to-invoice",type="shipment.confirmed"} 3"#,
+        // The poison message, counted where the alert looks.
+        r#"tallyman_worker_dead_letters_total{namespace="finance",workflow="shipment-to-invoice",step="Consume"} 1"#,
         // Sampled every 5 s, so the value depends on when: present is enough.
         r#"tallyman_worker_held_instances{namespace="finance",workflow="shipment-to-invoice"} "#,
         r#"tallyman_worker_held_instance_bytes{namespace="finance",workflow="shipment-to-invoice"} "#,
@@ -112,7 +125,44 @@ async fn health_readiness_metrics_and_a_poison_message() {
 {metrics}"
         );
     }
-    assert!(!metrics.contains(r#"step="both-arrived""#), "{metrics}");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(
+        !metrics.contains(r#"step_duration_seconds_count{namespace="finance",workflow="shipment-to-invoice",step="both-arrived""#),
+        "{metrics}"
+    );
+
+    // Stopped while a call is in flight: not ready, but still answering
+    // (503) until the message is done, then exit 0.
+    erp.delay("/invoices", Duration::from_millis(2000));
+    let invoices = erp.requests("/invoices");
+    // Orders 0–2 again are dropped by the broker as duplicates: one new.
+    publish_orders(&js, &erp, 4).await;
+    let start = Instant::now();
+    while erp.requests("/invoices") == invoices {
+        assert!(start.elapsed() < Duration::from_secs(20), "no invoice call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(port, "/readyz").map(|(s, _)| s),
+        Some(503),
+        "draining: not ready, still answering"
+    );
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+    assert_one_invoice_per_order(&erp, 4);
 }

@@ -79,8 +79,8 @@ pub fn init_tracing(component: &str) {
 }
 
 /// The JSON layer: event fields flattened to the top level, the fields of
-/// every enclosing span under `spans` (the instance span carries workflow,
-/// key and event id; the step span inside it only the step).
+/// every enclosing span under `spans` (the worker's instance span, a debug
+/// span, carries namespace, workflow, key, event id and inputs).
 fn json_layer<S, W>(component: &str, writer: W) -> impl Layer<S> + Send + Sync + 'static
 where
     S: Subscriber + for<'a> LookupSpan<'a>,

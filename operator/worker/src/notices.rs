@@ -59,7 +59,7 @@ pub fn notices(
                 reason: "DeadLettered",
                 action: step.clone(),
                 note: format!(
-                    "step {step} gave up on an instance; it is on {dlq_subject}, with its ExceptionCase"
+                    "step {step} gave up on an instance; it is on {dlq_subject} (a call that gave up also opened a CallFailed ExceptionCase)"
                 ),
             }),
             Outbound::OpenCase(req) => out.push(Notice {
@@ -324,7 +324,9 @@ mod tests {
         // The note stands for every repeat: it names no instance, no error.
         assert_eq!(
             got[0].note,
-            format!("step invoice gave up on an instance; it is on {DLQ}, with its ExceptionCase")
+            format!(
+                "step invoice gave up on an instance; it is on {DLQ} (a call that gave up also opened a CallFailed ExceptionCase)"
+            )
         );
         assert!(notices(&[Outbound::Wake { due_ms: 1 }], false, None, DLQ).is_empty());
         // Ended Failed by the workflow itself: said as such, with the step.

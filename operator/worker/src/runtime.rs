@@ -285,6 +285,8 @@ impl Worker {
                 ))),
             ),
         };
+        let labels = WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow);
+        expose_alert_series(&config.metrics, &labels, &current);
         Ok(Arc::new(Self {
             names,
             js,
@@ -305,7 +307,7 @@ impl Worker {
             workflows,
             notices,
             stats: Arc::new(Stats::default()),
-            labels: WorkflowLabels::new(&config.definition.namespace, &config.definition.workflow),
+            labels,
             metrics: config.metrics,
         }))
     }
@@ -696,6 +698,11 @@ impl Worker {
             notices.send(vec![crate::notices::poison(&self.names.dlq_subject())]);
         }
         self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .worker
+            .dead_letters
+            .get_or_create(&self.labels.step(CONSUME))
+            .inc();
         let mut headers = HeaderMap::new();
         headers.insert(
             "Tallyman-Reason",
@@ -1268,6 +1275,15 @@ impl Worker {
                 _ => (&self.stats.failed, InstanceOutcome::Failed),
             };
             c.fetch_add(1, Ordering::Relaxed);
+            if outcome == InstanceOutcome::Failed {
+                warn!(
+                    workflow = %self.labels.workflow,
+                    key = %inst.key,
+                    outcome = "failed",
+                    reason = inst.outcome.as_deref().unwrap_or_default(),
+                    "instance failed"
+                );
+            }
             w.instances_running.get_or_create(&self.labels).dec();
             w.instances_ended
                 .get_or_create(&InstanceEndLabels {
@@ -1300,13 +1316,7 @@ impl Worker {
                         "dead-lettered: the step gave up"
                     );
                     self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-                    w.dead_letters
-                        .get_or_create(&StepLabels {
-                            namespace: self.labels.namespace.clone(),
-                            workflow: self.labels.workflow.clone(),
-                            step: step.clone(),
-                        })
-                        .inc();
+                    w.dead_letters.get_or_create(&self.labels.step(step)).inc();
                 }
                 _ => {}
             }
@@ -1825,6 +1835,34 @@ fn delivered(msgs: &[Arc<jetstream::Message>]) -> Option<Delivered> {
         }
     }
     out
+}
+
+/// The `step` of dead letters that never reached a step: messages that
+/// are not canonical events, do not correlate, or make an instance too
+/// large to store (as the `PoisonMessage` Event's action).
+const CONSUME: &str = "Consume";
+
+/// Create at zero the series the documented alerts watch, so the first
+/// failure after a start is an increase and not a series appearing at 1
+/// (which `increase()` does not see).
+fn expose_alert_series(metrics: &Metrics, labels: &WorkflowLabels, def: &Compiled) {
+    let w = &metrics.worker;
+    for outcome in [
+        InstanceOutcome::Completed,
+        InstanceOutcome::Rejected,
+        InstanceOutcome::Failed,
+    ] {
+        let _ = w.instances_ended.get_or_create(&InstanceEndLabels {
+            namespace: labels.namespace.clone(),
+            workflow: labels.workflow.clone(),
+            outcome,
+        });
+    }
+    let _ = w.sla_breaches.get_or_create(labels);
+    let _ = w.dead_letters.get_or_create(&labels.step(CONSUME));
+    for step in &def.def.spec.steps {
+        let _ = w.dead_letters.get_or_create(&labels.step(&step.name));
+    }
 }
 
 /// The canonical event a message carries.

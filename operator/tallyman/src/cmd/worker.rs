@@ -105,10 +105,13 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let ready = Readiness::new();
     let (stop, stopped) = watch::channel(false);
+    // The telemetry server outlives the drain: /readyz answers 503 (and
+    // /metrics counts the last messages) until the worker is done.
+    let (stop_http, http_stopped) = watch::channel(false);
     let started = tokio::select! {
         biased;
         () = &mut shutdown => None,
-        started = start(args, ready.clone(), stopped.clone()) => Some(started?),
+        started = start(args, ready.clone(), http_stopped) => Some(started?),
     };
     let Some((worker, http)) = started else {
         tracing::info!("stopped while starting; nothing was in flight");
@@ -121,16 +124,18 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
     ready.set_ready(false);
     let _ = stop.send(true);
     task.await??;
+    let _ = stop_http.send(true);
     let _ = http.await;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Everything before the worker takes messages: the definition, the
-/// connections, the streams and the telemetry server (stopped by `stopped`).
+/// connections, the streams and the telemetry server (stopped by
+/// `http_stopped`).
 async fn start(
     args: Args,
     ready: Readiness,
-    stopped: watch::Receiver<bool>,
+    http_stopped: watch::Receiver<bool>,
 ) -> anyhow::Result<(Arc<Worker>, tokio::task::JoinHandle<std::io::Result<()>>)> {
     let (definition, secrets): (Definition, Box<dyn SecretSource>) =
         match (&args.definition, &args.manifests) {
@@ -181,7 +186,7 @@ async fn start(
         );
     }
     let metrics = Arc::new(Metrics::new());
-    let mut http_stop = stopped;
+    let mut http_stop = http_stopped;
     let (addr, http) =
         tallyman_telemetry::serve(args.listen, metrics.clone(), ready.clone(), async move {
             let _ = http_stop.wait_for(|s| *s).await;

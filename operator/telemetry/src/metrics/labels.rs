@@ -22,6 +22,15 @@ impl WorkflowLabels {
             workflow: workflow.into(),
         }
     }
+
+    /// These labels with a step.
+    pub fn step(&self, step: &str) -> StepLabels {
+        StepLabels {
+            namespace: self.namespace.clone(),
+            workflow: self.workflow.clone(),
+            step: step.to_string(),
+        }
+    }
 }
 
 /// `{namespace, workflow, type}`: `type` is the event type the trigger
