@@ -351,6 +351,11 @@ impl Worker {
             lag.await,
             counts.await,
         ];
+        // Both loops have stopped taking slots: wait for the messages in
+        // flight. (Waiting in either loop could deadlock: a drain queued
+        // before the other loop's next slot, while that loop holds part of
+        // a batch, would wait for that part for ever.)
+        self.drain().await;
         for r in results {
             match r {
                 Ok(Err(e)) => return Err(e),
@@ -424,7 +429,6 @@ impl Worker {
                 break;
             }
         }
-        self.drain().await;
         Ok(())
     }
 
@@ -1597,7 +1601,6 @@ impl Worker {
                 drop(permit);
             });
         }
-        self.drain().await;
         Ok(())
     }
 
