@@ -701,12 +701,6 @@ impl Worker {
         if let Some(notices) = &self.notices {
             notices.send(vec![crate::notices::poison(&self.names.dlq_subject())]);
         }
-        self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-        self.metrics
-            .worker
-            .dead_letters
-            .get_or_create(&self.labels.step(CONSUME))
-            .inc();
         let mut headers = HeaderMap::new();
         headers.insert(
             "Tallyman-Reason",
@@ -722,6 +716,14 @@ impl Worker {
             Err(_) => false,
         };
         if stored {
+            // Counted once it is there: a publish that failed is tried
+            // again with the redelivery, and counted then.
+            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .worker
+                .dead_letters
+                .get_or_create(&self.labels.step(CONSUME))
+                .inc();
             let _ = msg.ack().await;
         } else {
             let _ = msg
