@@ -1687,7 +1687,7 @@ impl Worker {
     }
 
     /// Give a decided case's outcome to its instance (once: nothing when it
-    /// took it already).
+    /// took it already), or, for a case for the record, its decision.
     async fn resume(
         &self,
         record: &CaseRecord,
@@ -1696,28 +1696,28 @@ impl Worker {
         if record.spec.workflow != self.names.workflow || record.resumed || !record.is_final() {
             return Ok(());
         }
-        if record.blocking {
-            let detail = record.status.message.clone().unwrap_or_default();
-            self.process(
-                &record.spec.key,
-                Input::CaseResolved {
-                    name: record.name.clone(),
-                    approved: record.approved(),
-                    detail,
-                    history: CaseHistory {
-                        decisions: record.spec.decisions.clone(),
-                        escalated_to: record
-                            .status
-                            .escalated
-                            .then(|| record.spec.escalate_to.as_ref().map(|to| to.groups.clone()))
-                            .flatten(),
-                        expired: record.status.state == tallyman_api::v1alpha1::CaseState::Expired,
-                    },
+        // A blocking case resumes its instance; a case for the record (a
+        // breached SLA) has its decision written into the instance's chain.
+        let detail = record.status.message.clone().unwrap_or_default();
+        self.process(
+            &record.spec.key,
+            Input::CaseResolved {
+                name: record.name.clone(),
+                approved: record.approved(),
+                detail,
+                history: CaseHistory {
+                    decisions: record.spec.decisions.clone(),
+                    escalated_to: record
+                        .status
+                        .escalated
+                        .then(|| record.spec.escalate_to.as_ref().map(|to| to.groups.clone()))
+                        .flatten(),
+                    expired: record.status.state == tallyman_api::v1alpha1::CaseState::Expired,
                 },
-                msg,
-            )
-            .await?;
-        }
+            },
+            msg,
+        )
+        .await?;
         self.cases.mark_resumed(&record.name).await
     }
 

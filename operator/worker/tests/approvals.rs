@@ -428,3 +428,58 @@ async fn a_rejected_variance_disputes_the_shipment_and_invoices_nothing() {
     );
     run.shutdown().await;
 }
+
+/// A breached SLA's case resumes nothing, but the decision on it is
+/// written into the instance's audit chain, as every decision is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_on_a_breached_slas_case_is_audited() {
+    let env = env("shipment-to-invoice").await;
+    let mut def = env.def.clone();
+    let sla = def.spec.sla.as_mut().unwrap();
+    sla.complete = "1s".parse().unwrap();
+    sla.on_breach = tallyman_api::v1alpha1::SlaBreach::Exception;
+    let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish(&js, NS, "order.created", "o-late", &order_data("LATE")).await;
+    let cases = kv_cases(&env.nats.url(), NS).await;
+    let started = std::time::Instant::now();
+    let case = loop {
+        let open = cases.list().await.unwrap();
+        if let Some(c) = open.into_iter().find(|c| c.spec.reason == "SlaBreached") {
+            break c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no case for the SLA"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let ack = decision(
+        "alice",
+        "finance-controllers",
+        Verdict::Approve,
+        Some("carrier strike"),
+    );
+    cases.decide(&case.name, ack, Utc::now()).await.unwrap();
+    eventually(
+        "the decision in the chain",
+        Duration::from_secs(15),
+        || async {
+            audit_of(&env.nats.url(), NS, "LATE")
+                .await
+                .iter()
+                .any(|r| r.kind == AuditKind::DecisionRecorded && r.detail["approver"] == "alice")
+        },
+    )
+    .await;
+    let inst = run.worker.instance("LATE").await.unwrap().unwrap();
+    assert_eq!(
+        inst.status,
+        Status::Running,
+        "still waiting for its shipment"
+    );
+    run.shutdown().await;
+    let records = audit_of(&env.nats.url(), NS, "LATE").await;
+    assert!(tallyman_core::audit::verify(&records).is_ok());
+    assert!(records.iter().any(|r| r.kind == AuditKind::CaseApproved));
+}

@@ -163,6 +163,10 @@ pub struct Instance {
     pub sla_due_ms: Option<i64>,
     pub sla_timer: Option<String>,
     pub sla_breached: bool,
+    /// The case opened for the breached SLA (`onBreach: Exception`), until
+    /// its decision is recorded in the instance's audit chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_case: Option<String>,
     /// Armed timers: token → due time (unix ms).
     #[serde(default)]
     pub timers: BTreeMap<String, i64>,
@@ -236,6 +240,7 @@ impl Instance {
             sla_due_ms: None,
             sla_timer: None,
             sla_breached: false,
+            sla_case: None,
             timers: BTreeMap::new(),
             wake_ms: None,
             wake_left: false,

@@ -393,7 +393,7 @@ impl<'a> Machine<'a> {
                         inst.sla_breached = true;
                         self.audit(inst, AuditKind::SlaBreached, None, serde_json::json!({}));
                         if self.def.sla_exception {
-                            self.open_info_case(inst, "SlaBreached");
+                            inst.sla_case = Some(self.open_info_case(inst, "SlaBreached"));
                         }
                     }
                     return Ok(Some(Next::Idle));
@@ -459,6 +459,13 @@ impl<'a> Machine<'a> {
                     }
                     // Approved: the run loop plans the call again.
                     Ok(None)
+                }
+                // The breached SLA's case, for the record: its decision
+                // joins the chain (running or ended), nothing moves on.
+                _ if inst.sla_case.as_deref() == Some(name.as_str()) => {
+                    inst.sla_case = None;
+                    self.record_decision(inst, &name, approved, &detail, &history);
+                    Ok(Some(Next::Idle))
                 }
                 _ => Ok(Some(Next::Idle)),
             },
@@ -543,6 +550,19 @@ impl<'a> Machine<'a> {
         history: &CaseHistory,
     ) {
         inst.wait = None;
+        self.record_decision(inst, case, approved, detail, history);
+    }
+
+    /// The audit records of a case's decisions, escalation, expiry and
+    /// outcome.
+    fn record_decision(
+        &self,
+        inst: &mut Instance,
+        case: &str,
+        approved: bool,
+        detail: &str,
+        history: &CaseHistory,
+    ) {
         let step = self.step_name(inst);
         for d in &history.decisions {
             let mut note = serde_json::json!({

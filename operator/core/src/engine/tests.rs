@@ -1149,3 +1149,60 @@ fn a_timestamp_stays_a_timestamp_once_stored() {
         )]
     );
 }
+
+#[test]
+fn a_breached_slas_case_decision_joins_the_chain() {
+    // A case for the record resumes nothing, but its decision is audited
+    // like any other (it was not: only blocking cases reached the engine).
+    use tallyman_api::v1alpha1::{CaseDecision, SlaBreach, Verdict};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
+    let report = validate::validate_paths(&[dir]);
+    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    def.spec.sla.as_mut().unwrap().on_breach = SlaBreach::Exception;
+    let def = Compiled::new(def).unwrap();
+    let m = Machine::new(&def, t0());
+    let mut inst = Instance::new("4711", &def.revision, 0);
+    m.apply(&mut inst, order_created());
+    let at_4h = Machine::new(&def, t0() + chrono::Duration::hours(4));
+    inst.clear_outbox();
+    at_4h.apply(&mut inst, Input::Wake);
+    let case = inst
+        .outbox
+        .iter()
+        .find_map(|o| match o {
+            Outbound::OpenCase(req) if req.reason == "SlaBreached" => Some(req.name.clone()),
+            _ => None,
+        })
+        .expect("a case for the breach");
+    assert!(inst.is_running());
+    let waiting = inst.wait.clone();
+    inst.clear_outbox();
+    let resolved = Input::CaseResolved {
+        name: case.clone(),
+        approved: true,
+        detail: "acknowledged by alice".into(),
+        history: CaseHistory {
+            decisions: vec![CaseDecision {
+                approver: "alice".into(),
+                groups: vec!["finance-controllers".into()],
+                decision: Verdict::Approve,
+                comment: Some("carrier strike".into()),
+            }],
+            escalated_to: None,
+            expired: false,
+        },
+    };
+    assert_eq!(at_4h.apply(&mut inst, resolved.clone()), Next::Idle);
+    let kinds: Vec<_> = audits(&inst).iter().map(|r| r.kind).collect();
+    assert_eq!(
+        kinds,
+        [AuditKind::DecisionRecorded, AuditKind::CaseApproved]
+    );
+    assert_eq!(audits(&inst)[0].detail["approver"], "alice");
+    assert_eq!(inst.wait, waiting, "nothing moves on");
+    assert_eq!(inst.sla_case, None);
+    // Once: the same decision again records nothing.
+    inst.clear_outbox();
+    at_4h.apply(&mut inst, resolved);
+    assert!(audits(&inst).is_empty());
+}
