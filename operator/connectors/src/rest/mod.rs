@@ -346,14 +346,7 @@ impl RestClient {
                     );
                     continue;
                 }
-                // A 409 to a keyed request: the key's first request is
-                // still being processed (draft-ietf-httpapi-idempotency-key-
-                // header); its answer comes to a later attempt. Taken as a
-                // refusal, the call would fail while the booking is made.
-                Ok((answer, _))
-                    if retry::retryable(answer.status)
-                        || (idempotency.is_some() && answer.status == StatusCode::CONFLICT) =>
-                {
+                Ok((answer, _)) if retry::retryable_call(answer.status, idempotency.is_some()) => {
                     Failure::Retry {
                         reason: format!("HTTP {}", answer.status.as_u16()),
                         floor: retry::retry_after(answer.status, &answer.headers),

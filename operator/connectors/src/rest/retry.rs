@@ -55,6 +55,15 @@ pub(crate) fn retryable(status: StatusCode) -> bool {
         || status == StatusCode::TOO_MANY_REQUESTS
 }
 
+/// Whether a call's answer is worth another attempt; `keyed`: the request
+/// carried an idempotency key. A 409 to a keyed request says the key's
+/// first request is still being processed (draft-ietf-httpapi-idempotency-
+/// key-header); its answer comes to a later attempt. Taken as a refusal,
+/// the call would fail while the booking is made.
+pub(crate) fn retryable_call(status: StatusCode, keyed: bool) -> bool {
+    retryable(status) || (keyed && status == StatusCode::CONFLICT)
+}
+
 /// The server's `Retry-After` on a 429 or 503: delay seconds or an HTTP date.
 pub(crate) fn retry_after(status: StatusCode, headers: &HeaderMap) -> Option<Duration> {
     if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {

@@ -440,7 +440,8 @@ impl<'a> Machine<'a> {
                 history,
             } => match inst.wait.clone() {
                 Some(Wait::Case { name: n, during }) if n == name => {
-                    self.decided(inst, &name, approved, &detail, &history);
+                    inst.wait = None;
+                    self.record_decision(inst, &name, approved, &detail, &history);
                     if approved {
                         self.approved(inst, during)?;
                     } else {
@@ -449,7 +450,8 @@ impl<'a> Machine<'a> {
                     Ok(None)
                 }
                 Some(Wait::FailedCall { case }) if case == name => {
-                    self.decided(inst, &name, approved, &detail, &history);
+                    inst.wait = None;
+                    self.record_decision(inst, &name, approved, &detail, &history);
                     if !approved {
                         self.end(
                             inst,
@@ -538,23 +540,8 @@ impl<'a> Machine<'a> {
         }
     }
 
-    /// People decided the case the instance waited for (or its deadline
-    /// did): stop waiting, audit each decision, the escalation and the
-    /// expiry, then the outcome.
-    fn decided(
-        &self,
-        inst: &mut Instance,
-        case: &str,
-        approved: bool,
-        detail: &str,
-        history: &CaseHistory,
-    ) {
-        inst.wait = None;
-        self.record_decision(inst, case, approved, detail, history);
-    }
-
-    /// The audit records of a case's decisions, escalation, expiry and
-    /// outcome.
+    /// People decided a case of the instance (or its deadline did): audit
+    /// each decision, the escalation and the expiry, then the outcome.
     fn record_decision(
         &self,
         inst: &mut Instance,
@@ -1415,19 +1402,19 @@ fn to_json(program: &Program, v: &Evaluated) -> Step<String> {
 /// A variable's stored text ([`Val::to_stored_json`]), and the value in the
 /// shared form when it has one.
 fn stored_json(program: &Program, v: Evaluated) -> Step<(String, Option<Val>)> {
-    let shared = match &v {
-        Evaluated::Fast(v) => Some(v.clone()),
-        Evaluated::Cel(cel) => Val::from_value(cel),
+    let shared = match v {
+        Evaluated::Fast(v) => Ok(v),
+        Evaluated::Cel(cel) => Val::from_value(&cel).ok_or(cel),
     };
     let text = match &shared {
-        Some(v) => v.to_stored_json(),
-        None => v.to_json(),
+        Ok(v) => v.to_stored_json(),
+        Err(cel) => json::to_string(cel),
     };
     let text = text.map_err(|e| EvalError {
         expression: program.source().to_string(),
         message: e.0,
     })?;
-    Ok((text, shared))
+    Ok((text, shared.ok()))
 }
 
 /// A fact for the case record: decimals as strings (nothing downstream
