@@ -37,7 +37,7 @@ async fn health_readiness_metrics_and_a_poison_message() {
         .local_addr()
         .unwrap()
         .port();
-    let mut child = worker_command(&nats.url())
+    let child = worker_command(&nats.url())
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--connector-url", &format!("erp={}", erp.base_url())])
         .env("RUST_LOG", "warn")
@@ -141,28 +141,15 @@ async fn health_readiness_metrics_and_a_poison_message() {
         assert!(start.elapsed() < Duration::from_secs(20), "no invoice call");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sent = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    let worker = WorkerProcess(child);
+    worker.sigterm();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         get(port, "/readyz").map(|(s, _)| s),
         Some(503),
         "draining: not ready, still answering"
     );
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = worker.exit_within(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
     assert_one_invoice_per_order(&erp, 4);
 }

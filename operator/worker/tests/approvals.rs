@@ -25,22 +25,7 @@ const POLICY: &str = "variance-approval";
 async fn open_variance(env: &Env, run: &Running, order: &str) -> CaseRecord {
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     seed_order(&env.erp, order, 9, "250.00");
-    publish(
-        &js,
-        NS,
-        "order.created",
-        &format!("o-{order}"),
-        &order_data(order),
-    )
-    .await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        &format!("s-{order}"),
-        &shipment_data(order, 5),
-    )
-    .await;
+    publish_order_and_shipment(&js, order, 5).await;
     let started = std::time::Instant::now();
     let case = loop {
         let list = run.worker.cases().list().await.unwrap();
@@ -97,6 +82,15 @@ fn assert_invoiced_as_shipped(env: &Env, order: &str) {
 
 /// The order's `shipment.disputed` event: published once, naming the SKU
 /// that fell short.
+/// A finance controller approves `case`; the case as decided.
+async fn alice_approves(
+    cases: &dyn tallyman_worker::cases::CaseStore,
+    case: &CaseRecord,
+) -> CaseRecord {
+    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
+    cases.decide(&case.name, approve, Utc::now()).await.unwrap()
+}
+
 async fn assert_disputed(env: &Env, order: &str) {
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     let disputed = wait_emitted(&js, NS, "shipment.disputed", 1).await;
@@ -116,8 +110,7 @@ async fn an_approval_given_while_no_worker_runs_resumes_on_the_next_worker() {
 
     // A finance controller approves from another process while no worker runs.
     let cases = kv_cases(&env.nats.url(), NS).await;
-    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
-    let decided = cases.decide(&case.name, approve, Utc::now()).await.unwrap();
+    let decided = alice_approves(&cases, &case).await;
     assert_eq!(decided.status.state, CaseState::Approved);
     assert!(!decided.resumed);
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -243,13 +236,7 @@ async fn a_resume_that_fails_for_a_moment_is_tried_again() {
     let stored = kv.get(&key).await.unwrap().expect("the waiting instance");
     kv.put(&key, "not an instance".into()).await.unwrap();
 
-    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
-    let decided = run
-        .worker
-        .cases()
-        .decide(&case.name, approve, Utc::now())
-        .await
-        .unwrap();
+    let decided = alice_approves(run.worker.cases().as_ref(), &case).await;
     assert_eq!(decided.status.state, CaseState::Approved);
     // The resume cannot read the instance and fails, more than once.
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -286,12 +273,7 @@ async fn nothing_is_called_from_a_held_instance_the_store_moved_past() {
         .await
         .unwrap();
 
-    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
-    run.worker
-        .cases()
-        .decide(&case.name, approve, Utc::now())
-        .await
-        .unwrap();
+    alice_approves(run.worker.cases().as_ref(), &case).await;
     eventually(
         "the case to be resumed",
         Duration::from_secs(10),
@@ -329,13 +311,7 @@ async fn two_replicas_resume_a_decided_case_once() {
     env.erp.delay("/invoices", Duration::from_millis(300));
     env.erp.reset_requests();
 
-    let approve = decision("alice", "finance-controllers", Verdict::Approve, None);
-    first
-        .worker
-        .cases()
-        .decide(&case.name, approve, Utc::now())
-        .await
-        .unwrap();
+    alice_approves(first.worker.cases().as_ref(), &case).await;
     wait_status(&first, "4728", Status::Completed).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_invoiced_as_shipped(&env, "4728");

@@ -1013,14 +1013,7 @@ async fn an_outbox_is_published_again_on_reading_only_when_it_may_not_have_been(
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let stats = run.worker.stats.clone();
     for order in ["ORD-1", "ORD-2"] {
-        publish(
-            &js,
-            NS,
-            "shipment.confirmed",
-            &format!("s-{order}"),
-            &shipment_data(order, 5),
-        )
-        .await;
+        publish_shipment(&js, order, 5).await;
     }
     wait_for(
         "both instances to complete",

@@ -386,13 +386,23 @@ fn a_case_name_is_the_instances_own() {
     );
 }
 
-/// shipment-to-invoice with other steps.
-fn with_steps(steps: serde_json::Value) -> Compiled {
+/// The shipment-to-invoice definition, to change before compiling.
+fn example_def() -> Definition {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
     let report = validate::validate_paths(&[dir]);
-    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    report.definition("finance", "shipment-to-invoice").unwrap()
+}
+
+/// shipment-to-invoice with other steps.
+fn with_steps(steps: serde_json::Value) -> Compiled {
+    let mut def = example_def();
     def.spec.steps = serde_json::from_value(steps).unwrap();
     Compiled::new(def).unwrap()
+}
+
+/// The instance as a worker reads it back: stored as JSON and loaded.
+fn reloaded(inst: &Instance) -> Instance {
+    serde_json::from_str(&serde_json::to_string(inst).unwrap()).unwrap()
 }
 
 fn failure(inst: &Instance) -> String {
@@ -952,9 +962,7 @@ fn a_running_instance_leaves_a_wake_up_it_no_longer_needs_to_fire() {
     // Removing the schedule of a running instance could race a replica
     // that armed a newer one on the same subject and remove that instead;
     // a wake-up nobody needs fires into nothing.
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
-    let report = validate::validate_paths(&[dir]);
-    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    let mut def = example_def();
     def.spec.sla = None;
     def.spec.trigger.events.push("payment.received".into());
     def.spec.steps = serde_json::from_value(serde_json::json!([
@@ -1086,8 +1094,7 @@ fn a_whole_decimal_stays_a_decimal_once_stored() {
         Next::Idle
     );
     // As a worker reads it back: stored, loaded, a machine of its own.
-    let stored = serde_json::to_string(&inst).unwrap();
-    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    let mut inst = reloaded(&inst);
     assert_eq!(
         Machine::new(&def, t0()).apply(&mut inst, shipment(5)),
         Next::Idle
@@ -1123,14 +1130,12 @@ fn a_timestamp_stays_a_timestamp_once_stored() {
         Machine::new(&def, t0()).apply(&mut inst, order_created()),
         Next::Idle
     );
-    let stored = serde_json::to_string(&inst).unwrap();
-    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    let mut inst = reloaded(&inst);
     let later = t0() + chrono::Duration::hours(47);
     let next = Machine::new(&def, later).apply(&mut inst, shipment(5));
     assert_eq!(inst.status, Status::Running, "{:?}", inst.outcome);
     assert_eq!(next, Next::Idle);
-    let stored = serde_json::to_string(&inst).unwrap();
-    let mut inst: Instance = serde_json::from_str(&stored).unwrap();
+    let mut inst = reloaded(&inst);
     let due = (t0() + chrono::Duration::hours(49)).timestamp_millis();
     let Some(Wait::Timer { timer }) = inst.wait.clone() else {
         panic!("waits for its timer: {:?}", inst.wait)
@@ -1155,9 +1160,7 @@ fn a_breached_slas_case_decision_joins_the_chain() {
     // A case for the record resumes nothing, but its decision is audited
     // like any other (it was not: only blocking cases reached the engine).
     use tallyman_api::v1alpha1::{CaseDecision, SlaBreach, Verdict};
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/shipment-to-invoice");
-    let report = validate::validate_paths(&[dir]);
-    let mut def = report.definition("finance", "shipment-to-invoice").unwrap();
+    let mut def = example_def();
     def.spec.sla.as_mut().unwrap().on_breach = SlaBreach::Exception;
     let def = Compiled::new(def).unwrap();
     let m = Machine::new(&def, t0());

@@ -238,19 +238,22 @@ fn an_expired_case_escalates_once_then_expires() {
     );
 }
 
+/// The test policy with an expiry after `after`, no one to escalate to.
+fn expiring_after(after: &str, then: ExpiryAction) -> CompiledPolicy {
+    let mut s = policy().spec;
+    s.expiry = Some(Expiry {
+        after: after.parse().unwrap(),
+        then,
+        escalate_to: None,
+    });
+    CompiledPolicy::compile("p", &s).unwrap()
+}
+
 #[test]
 fn a_policy_without_escalation_expires_directly() {
     let mut spec = case(1);
     spec.escalate_to = None;
-    let p = {
-        let mut s = policy().spec;
-        s.expiry = Some(Expiry {
-            after: "1h".parse().unwrap(),
-            then: ExpiryAction::Reject,
-            escalate_to: None,
-        });
-        CompiledPolicy::compile("p", &s).unwrap()
-    };
+    let p = expiring_after("1h", ExpiryAction::Reject);
     let (deadline, escalate) = p.expiry(now());
     assert_eq!(deadline, Some(now() + chrono::Duration::hours(1)));
     assert_eq!(escalate, None);
@@ -268,15 +271,7 @@ fn a_policy_without_escalation_expires_directly() {
 fn an_expiry_too_long_to_count_is_a_deadline_a_hundred_years_on() {
     // Admitted by the API server (any digits); it used to panic the
     // operator while reading the policy, or opening a case with it.
-    let p = {
-        let mut s = policy().spec;
-        s.expiry = Some(Expiry {
-            after: "9999999999999999h".parse().unwrap(),
-            then: ExpiryAction::Escalate,
-            escalate_to: None,
-        });
-        CompiledPolicy::compile("p", &s).unwrap()
-    };
+    let p = expiring_after("9999999999999999h", ExpiryAction::Escalate);
     let (deadline, _) = p.expiry(now());
     let deadline = deadline.unwrap();
     assert_eq!(deadline.years_since(now()), Some(99), "{deadline}");

@@ -82,12 +82,23 @@ impl WorkerProcess {
 
     /// SIGTERM, as Kubernetes stops a pod; the exit status, or a failed
     /// test when the process is still running after `limit`.
-    pub fn terminate(mut self, limit: Duration) -> ExitStatus {
+    pub fn terminate(self, limit: Duration) -> ExitStatus {
+        self.sigterm();
+        self.exit_within(limit)
+    }
+
+    /// Send SIGTERM and go on.
+    pub fn sigterm(&self) {
         let sent = Command::new("kill")
             .args(["-TERM", &self.0.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(sent.success(), "SIGTERM was not delivered");
+    }
+
+    /// The exit status, or a failed test when the process is still running
+    /// after `limit`.
+    pub fn exit_within(mut self, limit: Duration) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.0.try_wait().expect("the worker's status") {

@@ -142,24 +142,22 @@ pub async fn publish_again(js: &jetstream::Context, ns: &str, ty: &str, id: &str
 /// An order's `order.created` and `shipment.confirmed` (with `qty_b` of B),
 /// one after the other, as `o-<order>` and `s-<order>` in namespace finance.
 pub async fn publish_order_and_shipment(js: &jetstream::Context, order: &str, qty_b: i64) {
-    let ns = "finance";
-    publish(
-        js,
-        ns,
-        "order.created",
-        &format!("o-{order}"),
-        &order_data(order),
-    )
-    .await;
+    publish_order(js, order).await;
+    publish_shipment(js, order, qty_b).await;
+}
+
+/// An order's `order.created`, as `o-<order>` in namespace finance.
+pub async fn publish_order(js: &jetstream::Context, order: &str) {
+    let id = format!("o-{order}");
+    publish(js, "finance", "order.created", &id, &order_data(order)).await;
+}
+
+/// An order's `shipment.confirmed` with `qty_b` of B, as `s-<order>` in
+/// namespace finance.
+pub async fn publish_shipment(js: &jetstream::Context, order: &str, qty_b: i64) {
+    let id = format!("s-{order}");
     let shipment = shipment_data(order, qty_b);
-    publish(
-        js,
-        ns,
-        "shipment.confirmed",
-        &format!("s-{order}"),
-        &shipment,
-    )
-    .await;
+    publish(js, "finance", "shipment.confirmed", &id, &shipment).await;
 }
 
 /// `def` with other steps (JSON, as in a Workflow's `spec.steps`).
