@@ -2,6 +2,8 @@
 //! order, with compare-and-set on the instance's KV revision.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -635,7 +637,8 @@ impl Worker {
                 );
                 // The others are kept alive meanwhile; after one that is to
                 // be tried again, the rest are too, so they stay in order.
-                let one_by_one = async {
+                // Boxed: rare, and as large as the common path's future.
+                let mut one_by_one = Box::pin(async {
                     for (n, msg) in msgs.iter().enumerate() {
                         let Ok(ev) = wire_event(msg) else { continue };
                         let alone = std::slice::from_ref(msg);
@@ -651,8 +654,8 @@ impl Worker {
                             break;
                         }
                     }
-                };
-                self.keep_alive(&msgs, one_by_one).await;
+                });
+                self.keep_alive(&msgs, one_by_one.as_mut()).await;
             }
             result => self.settle(&key, &msgs, result).await,
         }
@@ -772,12 +775,14 @@ impl Worker {
             },
             inputs = inputs.len(),
         );
-        let work = async {
-            let _serial = lock.lock().await;
-            self.process_locked(key, &inputs, parsed, delivered(msgs))
-                .await
-        }
-        .instrument(span);
+        let work = pin!(
+            async {
+                let _serial = lock.lock().await;
+                self.process_locked(key, &inputs, parsed, delivered(msgs))
+                    .await
+            }
+            .instrument(span)
+        );
         let result = self.keep_alive(msgs, work).await;
         let mut locks = self.locks.lock().expect("locks lock");
         // The map and this function hold the only references: nobody waits.
@@ -791,12 +796,14 @@ impl Worker {
     /// third of the ack wait: while they wait for their instance's lock
     /// behind a slow call, or a call of theirs takes long, they are not
     /// redelivered to another replica.
+    ///
+    /// `work` is pinned by the caller: moved in, it would be one more copy
+    /// of a large future in every message's task.
     async fn keep_alive<T>(
         &self,
         msgs: &[Arc<jetstream::Message>],
-        work: impl std::future::Future<Output = T>,
+        mut work: Pin<&mut impl Future<Output = T>>,
     ) -> T {
-        tokio::pin!(work);
         if msgs.is_empty() {
             return work.await;
         }
@@ -864,7 +871,10 @@ impl Worker {
                             unread = true;
                             None
                         }
-                        _ => self.load(key, &kv_key).await?,
+                        // Boxed, like the other reads off the common path:
+                        // the task of every message would carry their
+                        // futures otherwise.
+                        _ => Box::pin(self.load(key, &kv_key)).await?,
                     };
                     match stored {
                         Some((inst, rev)) => {
@@ -931,7 +941,7 @@ impl Worker {
                 };
                 applied += 1;
                 if unconfirmed && matches!(next, Next::Call(_) | Next::Lookup(_)) {
-                    if self.stored_revision(&kv_key).await? != revision {
+                    if Box::pin(self.stored_revision(&kv_key)).await? != revision {
                         stale = true;
                         break;
                     }
@@ -1376,6 +1386,11 @@ impl Worker {
         if let Some(c) = self.revisions.lock().expect("revisions lock").get(revision) {
             return Ok(c.clone());
         }
+        Box::pin(self.compile_stored(revision)).await
+    }
+
+    /// Read the stored definition `revision`, compile it and keep it.
+    async fn compile_stored(&self, revision: &str) -> Result<Arc<Compiled>, Error> {
         let entry = self
             .handles
             .definitions
@@ -1768,6 +1783,21 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// Bytes of the future that handles one group of messages: each is a
+    /// task, moved into place whole when spawned. Kept small by boxing what
+    /// the common path does not run; a test holds it there.
+    #[doc(hidden)]
+    pub fn group_task_bytes(&self) -> usize {
+        let group = Group {
+            key: String::new(),
+            inputs: Vec::new(),
+            msgs: Vec::new(),
+            permits: Vec::new(),
+            parsed: Values::default(),
+        };
+        std::mem::size_of_val(&self.handle_group(group, std::time::Instant::now()))
     }
 
     /// The workflow's instances by state and the cases it opened, from the

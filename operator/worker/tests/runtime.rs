@@ -1160,3 +1160,15 @@ async fn events_too_large_together_are_applied_one_by_one() {
     assert_eq!(stream_state(&js, NS, "DLQ").await.messages, 1);
     run.shutdown().await;
 }
+
+/// Every group of messages is a task, and spawning one moves its whole
+/// future into place: at 32 KiB (the one-by-one path and the reads off the
+/// common path inline) that copy was a tenth of the worker's instructions.
+#[tokio::test]
+async fn a_message_task_stays_small() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let bytes = run.worker.group_task_bytes();
+    assert!(bytes <= 12 * 1024, "a group's task is {bytes} bytes");
+    run.shutdown().await;
+}
