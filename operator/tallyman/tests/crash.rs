@@ -90,3 +90,32 @@ async fn a_worker_stopped_with_sigterm_exits_cleanly_and_the_next_one_finishes()
     wait_all_completed(&js, n, Duration::from_secs(60)).await;
     assert_one_invoice_per_order(&erp, n);
 }
+
+/// A worker that can no longer consume (its consumer deleted by hand)
+/// exits with an error, so Kubernetes starts it again, instead of staying
+/// ready; started again, it finishes the orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_consumer_is_deleted_exits_and_its_successor_finishes() {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let first = WorkerProcess::start(&nats.url(), &erp.base_url());
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let consumer = format!("wf-{WF}");
+    let events = loop {
+        if let Ok(stream) = js
+            .get_stream(format!("TALLYMAN_{}_EVENTS", NS.to_uppercase()))
+            .await
+            && stream.consumer_info(&consumer).await.is_ok()
+        {
+            break stream;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    events.delete_consumer(&consumer).await.expect("deleted");
+    let status = first.exit_within(Duration::from_secs(20));
+    assert!(!status.success(), "exited with {status}");
+    let _second = WorkerProcess::start(&nats.url(), &erp.base_url());
+    publish_orders(&js, &erp, 20).await;
+    wait_all_completed(&js, 20, Duration::from_secs(60)).await;
+    assert_one_invoice_per_order(&erp, 20);
+}

@@ -45,6 +45,10 @@ pub enum Error {
     /// the inputs are dead-lettered.
     #[error("{0}")]
     Unstorable(String),
+    /// One of the worker's loops (events, timers, cases) ended without a
+    /// shutdown: the worker stops rather than stay ready doing nothing.
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// Makes the REST calls of `call` steps. The messages that caused a call

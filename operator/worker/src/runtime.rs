@@ -24,7 +24,7 @@ use tallyman_telemetry::{
     StatusClass, StepLabels, WorkflowLabels,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tracing::{Instrument, debug, info, warn};
+use tracing::{Instrument, debug, error, info, warn};
 
 use crate::cases::{CaseRecord, CaseStore, KubeCases, KvCases};
 use crate::counts::{self, Counts};
@@ -340,30 +340,56 @@ impl Worker {
     }
 
     /// Run until `shutdown` turns true; in-flight messages finish first.
-    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) -> Result<(), Error> {
-        let events = tokio::spawn(self.clone().consume_events(shutdown.clone()));
-        let timers = tokio::spawn(self.clone().consume_timers(shutdown.clone()));
-        let cases = tokio::spawn(self.clone().watch_cases(shutdown.clone()));
-        let lag = tokio::spawn(self.clone().watch_lag(shutdown.clone()));
-        let counts = tokio::spawn(self.clone().keep_counts(shutdown.clone()));
-        let results = [
-            events.await,
-            timers.await,
-            cases.await,
-            lag.await,
-            counts.await,
-        ];
+    ///
+    /// Should one of its loops end by itself (its consumer was deleted, a
+    /// watch ended, a task panicked), the others are stopped the same way
+    /// and the error returned: a worker that no longer consumes must not
+    /// stay ready; its process exits and is started again.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) -> Result<(), Error> {
+        let (stop, stopping) = watch::channel(false);
+        let mut loops = tokio::task::JoinSet::new();
+        loops.spawn(self.clone().consume_events(stopping.clone()));
+        loops.spawn(self.clone().consume_timers(stopping.clone()));
+        loops.spawn(self.clone().watch_cases(stopping.clone()));
+        loops.spawn(self.clone().watch_lag(stopping.clone()));
+        loops.spawn(self.clone().keep_counts(stopping.clone()));
+        let mut failed: Option<Error> = None;
+        loop {
+            let ended = tokio::select! {
+                // A dropped sender stops the worker too, as it always has.
+                _ = shutdown.wait_for(|s| *s), if !*stop.borrow() => {
+                    let _ = stop.send(true);
+                    continue;
+                }
+                ended = loops.join_next() => ended,
+            };
+            let Some(ended) = ended else { break };
+            let result = match ended {
+                Ok(result) => result,
+                Err(e) => Err(Error::Stopped(format!("a worker task panicked: {e}"))),
+            };
+            let early = !*stop.borrow();
+            match result {
+                Err(e) => {
+                    if early {
+                        error!(error = %e, "the worker stops: one of its loops ended");
+                    }
+                    failed.get_or_insert(e);
+                }
+                Ok(()) if early => {
+                    failed.get_or_insert(Error::Stopped("a worker loop ended by itself".into()));
+                }
+                Ok(()) => {}
+            }
+            let _ = stop.send(true);
+        }
         // Both loops have stopped taking slots: wait for the messages in
         // flight. (Waiting in either loop could deadlock: a drain queued
         // before the other loop's next slot, while that loop holds part of
         // a batch, would wait for that part for ever.)
         self.drain().await;
-        for r in results {
-            match r {
-                Ok(Err(e)) => return Err(e),
-                Err(e) => return Err(Error::Store(format!("a worker task panicked: {e}"))),
-                Ok(Ok(())) => {}
-            }
+        if let Some(e) = failed {
+            return Err(e);
         }
         // The messages in flight are done: count them too.
         if let Err(e) = self.flush_counts().await {
@@ -386,9 +412,11 @@ impl Worker {
             .await
             .map_err(|e| Error::Setup(format!("failed to consume events: {e}")))?;
         let slots = self.slots.clone();
+        // Why the stream ended, when it does: the last error it gave.
+        let mut last_error = String::from("the stream ended");
         loop {
             let msg = tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 msg = messages.next() => msg,
             };
             let Some(msg) = msg else { break };
@@ -396,6 +424,11 @@ impl Worker {
                 Ok(m) => m,
                 Err(e) => {
                     warn!(error = %e, "event consumer error");
+                    last_error = e.to_string();
+                    if gone(&self.handles.events).await {
+                        last_error = "the consumer no longer exists".into();
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 }
@@ -411,6 +444,7 @@ impl Worker {
                     Some(Some(Ok(m))) => ready.push(m),
                     Some(Some(Err(e))) => {
                         warn!(error = %e, "event consumer error");
+                        last_error = e.to_string();
                         break;
                     }
                     Some(None) => {
@@ -431,7 +465,10 @@ impl Worker {
                 break;
             }
         }
-        Ok(())
+        Err(Error::Stopped(format!(
+            "the event consumer {} ended: {last_error}",
+            self.names.events_consumer()
+        )))
     }
 
     /// Wait until every message in flight, event or timer, is stored and
@@ -1593,16 +1630,24 @@ impl Worker {
             .messages()
             .await
             .map_err(|e| Error::Setup(format!("failed to consume timers: {e}")))?;
+        let mut last_error = String::from("the stream ended");
         loop {
             let msg = tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 msg = messages.next() => msg,
             };
-            let Some(Ok(msg)) = msg else {
-                if msg.is_none() {
-                    break;
+            let msg = match msg {
+                None => break,
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    warn!(error = %e, "timer consumer error");
+                    last_error = e.to_string();
+                    if gone(&self.handles.timers).await {
+                        last_error = "the consumer no longer exists".into();
+                        break;
+                    }
+                    continue;
                 }
-                continue;
             };
             // A day's wake-ups falling due together take turns with the
             // events instead of all loading and calling at once.
@@ -1618,7 +1663,10 @@ impl Worker {
                 drop(permit);
             });
         }
-        Ok(())
+        Err(Error::Stopped(format!(
+            "the timer consumer {} ended: {last_error}",
+            self.names.timers_consumer()
+        )))
     }
 
     async fn handle_timer(&self, msg: jetstream::Message) {
@@ -1772,17 +1820,19 @@ impl Worker {
         let mut watch = self.cases.watch().await?;
         loop {
             let record = tokio::select! {
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return Ok(()),
                 r = watch.next() => r,
             };
-            let Some(record) = record else { break };
+            // Decisions would no longer resume their instances.
+            let Some(record) = record else {
+                return Err(Error::Stopped("the watch on exception cases ended".into()));
+            };
             if record.is_final() && !record.resumed && record.spec.workflow == self.names.workflow {
                 let this = self.clone();
                 let shutdown = shutdown.clone();
                 tokio::spawn(async move { this.announce_decided(record, shutdown).await });
             }
         }
-        Ok(())
     }
 
     /// Bytes of the future that handles one group of messages: each is a
@@ -1848,6 +1898,19 @@ fn message(msg_id: &str, payload: String, headers: Option<HeaderMap>) -> Publish
         }
     }
     publish
+}
+
+/// Whether `consumer` is gone from the broker (deleted, or its stream):
+/// pulling from it can only fail from now on. Asked only after an error.
+async fn gone(consumer: &jetstream::consumer::PullConsumer) -> bool {
+    match consumer.clone().info().await {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            jetstream::context::ConsumerInfoErrorKind::NotFound
+                | jetstream::context::ConsumerInfoErrorKind::StreamNotFound
+        ),
+    }
 }
 
 /// The consumer and last stream sequence of `msgs`, when they all came

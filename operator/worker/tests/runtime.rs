@@ -1172,3 +1172,33 @@ async fn a_message_task_stays_small() {
     assert!(bytes <= 12 * 1024, "a group's task is {bytes} bytes");
     run.shutdown().await;
 }
+
+/// A worker whose event consumer is gone consumes nothing: it stops with
+/// an error (and its process exits, so Kubernetes restarts it) instead of
+/// staying ready.
+#[tokio::test]
+async fn a_worker_whose_consumer_is_deleted_stops_with_an_error() {
+    let env = env("shipment-to-invoice").await;
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let ns = env.def.namespace.to_uppercase();
+    let stream = js
+        .get_stream(format!("TALLYMAN_{ns}_EVENTS"))
+        .await
+        .expect("events stream");
+    stream
+        .delete_consumer(&format!("wf-{}", env.def.workflow))
+        .await
+        .expect("consumer deleted");
+    let ended = tokio::time::timeout(Duration::from_secs(20), run.task)
+        .await
+        .expect("the worker stops on its own");
+    let err = ended
+        .expect("worker task")
+        .expect_err("stops with an error");
+    assert!(
+        err.to_string()
+            .contains("event consumer wf-shipment-to-invoice ended"),
+        "{err}"
+    );
+}

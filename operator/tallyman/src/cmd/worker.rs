@@ -118,14 +118,25 @@ async fn serve(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     ready.set_ready(true);
-    let task = tokio::spawn(worker.run(stopped));
-    shutdown.await;
-    tracing::info!("shutting down: finishing the messages in flight");
-    ready.set_ready(false);
-    let _ = stop.send(true);
-    task.await??;
+    let mut task = tokio::spawn(worker.run(stopped));
+    // The worker stops by itself when it can no longer consume (its
+    // consumer deleted, say): not ready from then on, and the process
+    // exits with its error so that it is started again.
+    let ran = tokio::select! {
+        () = &mut shutdown => {
+            tracing::info!("shutting down: finishing the messages in flight");
+            ready.set_ready(false);
+            let _ = stop.send(true);
+            task.await
+        }
+        ran = &mut task => {
+            ready.set_ready(false);
+            ran
+        }
+    };
     let _ = stop_http.send(true);
     let _ = http.await;
+    ran??;
     Ok(ExitCode::SUCCESS)
 }
 

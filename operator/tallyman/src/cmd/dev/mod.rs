@@ -211,21 +211,34 @@ async fn serve(
             let _ = http_stop.wait_for(|s| *s).await;
         },
     ));
-    let tasks: Vec<_> = workers
+    let mut tasks: tokio::task::JoinSet<_> = workers
         .iter()
-        .map(|w| tokio::spawn(w.clone().run(stopped.clone())))
+        .map(|w| w.clone().run(stopped.clone()))
         .collect();
     ready.set_ready(true);
     print_banner(&args, &nats_url, addr, &webhooks, &workers);
     write_address(&args, addr, &nats_url)?;
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: finishing the requests and messages in flight");
+    // A worker stops by itself only when it can no longer consume: then
+    // dev mode stops too, with its error.
+    let mut first = None;
+    tokio::select! {
+        () = shutdown_signal() => {
+            tracing::info!("shutting down: finishing the requests and messages in flight");
+        }
+        Some(ran) = tasks.join_next() => {
+            tracing::error!("a worker stopped by itself; stopping");
+            first = Some(ran);
+        }
+    }
     ready.set_ready(false);
     let _ = stop.send(true);
     let _ = http.await;
-    for task in tasks {
-        task.await.context("a worker panicked")??;
+    if let Some(ran) = first {
+        ran.context("a worker panicked")??;
+    }
+    while let Some(ran) = tasks.join_next().await {
+        ran.context("a worker panicked")??;
     }
     let _ = std::fs::remove_file(args.state_dir.join("dev.json"));
     println!("tallyman dev: stopped");
