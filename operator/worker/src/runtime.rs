@@ -707,6 +707,17 @@ impl Worker {
         drop(permits);
     }
 
+    /// Messages handed back to be delivered again: an SRE's only sign of
+    /// one that can never be processed (its instance unreadable, its
+    /// definition revision gone) short of the logs.
+    fn count_retried(&self, n: usize) {
+        self.metrics
+            .worker
+            .messages_retried
+            .get_or_create(&self.labels)
+            .inc_by(n as u64);
+    }
+
     /// Acknowledge `msgs` after `result`, dead-letter them when they cannot
     /// be stored, or have them redelivered.
     async fn settle(&self, key: &str, msgs: &[Arc<jetstream::Message>], result: Result<(), Error>) {
@@ -725,6 +736,7 @@ impl Worker {
             }
             Err(e) => {
                 warn!(key, error = %e, "events not processed; they will be redelivered");
+                self.count_retried(msgs.len());
                 for msg in msgs {
                     let _ = msg
                         .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
@@ -1698,6 +1710,7 @@ impl Worker {
             Err(Error::Unstorable(reason)) => self.poison(&msg, &reason).await,
             Err(e) => {
                 warn!(key = %timer.key, error = %e, "timer not processed; retrying");
+                self.count_retried(1);
                 let _ = msg
                     .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
                     .await;
@@ -1957,6 +1970,7 @@ fn expose_alert_series(metrics: &Metrics, labels: &WorkflowLabels, def: &Compile
         });
     }
     let _ = w.sla_breaches.get_or_create(labels);
+    let _ = w.messages_retried.get_or_create(labels);
     let _ = w.dead_letters.get_or_create(&labels.step(CONSUME));
     for step in &def.def.spec.steps {
         let _ = w.dead_letters.get_or_create(&labels.step(&step.name));

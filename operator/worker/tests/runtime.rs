@@ -1202,3 +1202,48 @@ async fn a_worker_whose_consumer_is_deleted_stops_with_an_error() {
         "{err}"
     );
 }
+
+/// An event whose instance cannot be read is handed back again and again;
+/// `tallyman_worker_messages_retried_total` counts it, so an alert can
+/// tell an SRE what only the logs said.
+#[tokio::test]
+async fn an_event_that_cannot_be_processed_is_counted_each_time_it_is_handed_back() {
+    let env = env("shipment-to-invoice").await;
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    let series = format!(
+        "tallyman_worker_messages_retried_total{{namespace=\"{NS}\",workflow=\"shipment-to-invoice\"}}"
+    );
+    let count = || -> u64 {
+        let text = metrics.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(count(), 0, "exposed at zero from the start");
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    let kv = js
+        .get_key_value(format!("tallyman_{NS}_shipment-to-invoice"))
+        .await
+        .expect("the instances bucket");
+    kv.put("BROKEN", "not an instance".into()).await.unwrap();
+    seed_order(&env.erp, "BROKEN", 5, "0.10");
+    publish_order(&js, "BROKEN").await;
+    wait_for(
+        "the event to be handed back twice",
+        Duration::from_secs(15),
+        || count() >= 2,
+    )
+    .await;
+    assert_eq!(env.erp.requests("/orders"), 0, "nothing called");
+    run.shutdown().await;
+}

@@ -165,7 +165,7 @@ mod tests {
     #[test]
     fn every_family_is_named_for_its_component_and_unit() {
         let metrics = Metrics::new();
-        assert_eq!(metrics.families.len(), 23);
+        assert_eq!(metrics.families.len(), 24);
         for (name, kind) in &metrics.families {
             assert!(
                 [

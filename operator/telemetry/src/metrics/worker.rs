@@ -34,6 +34,8 @@ pub struct WorkerMetrics {
     pub dead_letters: Family<StepLabels, Counter>,
     /// Compare-and-set writes of instance state that lost to another writer.
     pub cas_conflicts: Family<WorkflowLabels, Counter>,
+    /// Messages handed back for redelivery: they could not be processed now.
+    pub messages_retried: Family<WorkflowLabels, Counter>,
     /// Messages the durable consumer has not delivered yet (consumer lag).
     pub consumer_pending: Family<WorkflowLabels, Gauge>,
     /// Running instances held in memory between their inputs.
@@ -98,6 +100,10 @@ impl WorkerMetrics {
             cas_conflicts: r.counter(
                 "tallyman_worker_cas_conflicts",
                 "Instance state writes that lost a compare-and-set race and were retried",
+            ),
+            messages_retried: r.counter(
+                "tallyman_worker_messages_retried",
+                "Messages handed back for redelivery because they could not be processed now",
             ),
             consumer_pending: r.gauge(
                 "tallyman_worker_consumer_pending",
