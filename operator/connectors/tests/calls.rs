@@ -274,17 +274,21 @@ async fn a_409_to_a_keyed_request_is_retried_for_its_answer() {
     let resp = client.call(&keyed, &|_, _| {}).await.unwrap();
     assert_eq!((resp.status, resp.attempts), (200, 3));
     assert_eq!(resp.body, r#"{"id":"INV-1"}"#);
-    // Never anything but 409: the key is in use for good; the call fails.
-    let api = serve(|_| Reply::status(409)).await;
+    // Never anything but 409: a conflict, not a request in progress. The
+    // call fails as refused, with the system's reason.
+    let why = r#"{"error":"invoice INV-7 already booked for this order"}"#;
+    let api = serve(move |_| Reply::json(409, why)).await;
     let client = erp(&api.url(), fast_retries(3));
     let err = client.call(&keyed, &|_, _| {}).await.unwrap_err();
     assert_eq!(
         err,
-        CallError::Exhausted {
+        CallError::Rejected {
+            status: 409,
+            body: why.into(),
             attempts: 3,
-            last: "HTTP 409".into()
         }
     );
+    assert_eq!(api.count(), 3, "every attempt was made");
 }
 
 #[tokio::test]
