@@ -1119,28 +1119,7 @@ async fn events_too_large_together_are_applied_one_by_one() {
         ]),
     );
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
-    // Published before the worker starts, so they arrive in one batch.
-    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
-    tallyman_worker::setup::ensure_namespace(&js, &names)
-        .await
-        .expect("streams");
-    let big = "x".repeat(600_000);
-    publish(
-        &js,
-        NS,
-        "order.created",
-        "o-big",
-        &format!(r#"{{"orderId": "BIG", "note": "{big}"}}"#),
-    )
-    .await;
-    publish(
-        &js,
-        NS,
-        "shipment.confirmed",
-        "s-big",
-        &format!(r#"{{"orderId": "BIG", "note": "{big}"}}"#),
-    )
-    .await;
+    publish_big_order_and_shipment(&js).await;
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let stats = run.worker.stats.clone();
     wait_for("a dead letter", Duration::from_secs(15), || {
@@ -1158,6 +1137,77 @@ async fn events_too_large_together_are_applied_one_by_one() {
     assert_eq!((stored.status, stored.step), (Status::Running, 1));
     assert!(stored.events.contains_key("order.created"));
     assert_eq!(stream_state(&js, NS, "DLQ").await.messages, 1);
+    run.shutdown().await;
+}
+
+/// An order and a shipment for `BIG`, 600 kB each: too large to store
+/// together, not alone. Published before the worker starts (the streams
+/// set up here), so they arrive in one batch.
+async fn publish_big_order_and_shipment(js: &async_nats::jetstream::Context) {
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    tallyman_worker::setup::ensure_namespace(js, &names)
+        .await
+        .expect("streams");
+    let big = "x".repeat(600_000);
+    let data = format!(r#"{{"orderId": "BIG", "note": "{big}"}}"#);
+    publish(js, NS, "order.created", "o-big", &data).await;
+    publish(js, NS, "shipment.confirmed", "s-big", &data).await;
+}
+
+/// While events too large together are applied one by one, those waiting
+/// their turn are reported in progress: a slow call of the first does not
+/// get the others redelivered to another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_their_turn_one_by_one_are_kept_alive() {
+    let env = env("shipment-to-invoice").await;
+    let def = with_steps(
+        &env.def,
+        serde_json::json!([
+            {"name": "ordered", "await": {"events": ["order.created"]}},
+            {"name": "order", "call": {"connector": "erp", "action": "getOrder", "params": {"orderId": "key"}}},
+            {"name": "ship", "await": {"events": ["shipment.confirmed"]}},
+        ]),
+    );
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    seed_order(&env.erp, "BIG", 5, "0.10");
+    // Each call outlasts the ack wait: both events wait 2.5 s while applied
+    // together, then the shipment again while the order is applied alone.
+    env.erp.delay("/orders", Duration::from_millis(2500));
+    publish_big_order_and_shipment(&js).await;
+    let run = start_tuned(
+        &env.nats.url(),
+        &def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.ack_wait = Duration::from_secs(1),
+    )
+    .await;
+    let stats = run.worker.stats.clone();
+    wait_for(
+        "the shipment's dead letter",
+        Duration::from_secs(20),
+        || stats.dead_letters.load(Ordering::Relaxed) >= 1,
+    )
+    .await;
+    // A redelivery would arrive within another ack wait.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        stats.events.load(Ordering::Relaxed),
+        2,
+        "each event delivered once"
+    );
+    assert_eq!(
+        env.erp.requests("/orders"),
+        2,
+        "together, then the order alone"
+    );
+    let stored = run
+        .worker
+        .instance("BIG")
+        .await
+        .unwrap()
+        .expect("the order is applied");
+    assert_eq!((stored.status, stored.step), (Status::Running, 2));
     run.shutdown().await;
 }
 
