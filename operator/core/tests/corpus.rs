@@ -160,3 +160,74 @@ spec:
         warnings[0].message
     );
 }
+
+/// `now` moves on between a call and its repeat after a crash: in the body
+/// of an action with an idempotency header, directly or through a
+/// variable, it is warned about; the event's own time is not.
+#[test]
+fn a_keyed_request_that_reads_the_clock_is_warned_about() {
+    let dir = std::env::temp_dir().join(format!("tallyman-clock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("workflow.yaml"),
+        r#"apiVersion: tallyman.dev/v1alpha1
+kind: Connector
+metadata: {name: erp, namespace: finance}
+spec:
+  system: erp
+  rest:
+    baseUrl: https://erp.example.com/api
+    actions:
+      getOrder: {method: GET, path: "/orders/{orderId}"}
+      createInvoice: {method: POST, path: /invoices, idempotency: {header: Idempotency-Key}}
+---
+apiVersion: tallyman.dev/v1alpha1
+kind: Workflow
+metadata: {name: wf, namespace: finance}
+spec:
+  trigger: {events: [order.created], correlate: "event.data.orderId"}
+  steps:
+    - name: dates
+      set:
+        today: "string(now)"
+        booked: "events['order.created'].time"
+    - name: due
+      set: {due: "timestamp(vars.today) + duration('720h')"}
+    - name: order
+      call: {connector: erp, action: getOrder, params: {orderId: "key + string(now)"}}
+    - name: invoice
+      call:
+        connector: erp
+        action: createInvoice
+        body: "{'orderId': key, 'dueDate': string(vars.due), 'bookedAt': vars.booked}"
+    - name: again
+      call: {connector: erp, action: createInvoice, body: "{'orderId': key, 'at': string(now)}"}
+"#,
+    )
+    .unwrap();
+    let report = validate::validate_paths(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!report.has_errors(), "{:?}", report.diagnostics);
+    let warnings: Vec<(String, String)> = report
+        .warnings()
+        .map(|w| (w.path.clone(), w.message.clone()))
+        .collect();
+    // The GET has no idempotency header: nothing to refuse a changed
+    // request. `booked` is the event's own time.
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert_eq!(warnings[0].0, "spec.steps[3].call.body");
+    assert!(
+        warnings[0]
+            .1
+            .starts_with("reads vars.due, which is set from now,"),
+        "{}",
+        warnings[0].1
+    );
+    assert_eq!(warnings[1].0, "spec.steps[4].call.body");
+    assert!(
+        warnings[1].1.starts_with("reads now so a repeat"),
+        "{}",
+        warnings[1].1
+    );
+    assert!(warnings[1].1.contains("events['<type>'].time"));
+}

@@ -6,8 +6,8 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 use tallyman_api::v1alpha1::{
-    Action, ApprovalPolicy, ApprovalStep, Connector, HttpMethod, Outcome, Route, SecretKeyRef,
-    SignatureScheme, Step, Workflow,
+    Action, ApprovalPolicy, ApprovalStep, CallStep, Connector, HttpMethod, Outcome, Route,
+    SecretKeyRef, SignatureScheme, Step, Workflow,
 };
 
 use super::document::{Object, Resource, external_secrets};
@@ -291,6 +291,9 @@ struct StepEnv<'w> {
     step_names: Vec<&'w str>,
     /// Variables, by name, with the position of the first step that sets them.
     vars: BTreeMap<&'w str, usize>,
+    /// Variables some step sets from the clock (`now`, or another such
+    /// variable): computed again when a step is repeated after a crash.
+    clocked: BTreeSet<&'w str>,
 }
 
 fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
@@ -309,7 +312,7 @@ fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
             );
         }
     }
-    let env = StepEnv {
+    let mut env = StepEnv {
         trigger_events: &spec.trigger.events,
         calls: spec
             .steps
@@ -327,7 +330,17 @@ fn check_workflow(cx: &mut Cx, w: &Workflow, ns: &Namespace) {
             .filter_map(|(i, s)| s.set.as_ref().map(|set| (i, set)))
             .flat_map(|(i, set)| set.keys().map(move |k| (k.as_str(), i)))
             .collect(),
+        clocked: BTreeSet::new(),
     };
+    for set in spec.steps.iter().filter_map(|s| s.set.as_ref()) {
+        for (name, source) in set {
+            if let Ok((_, refs)) = cel::compile(source, Scope::Step)
+                && clock_read(&env, &refs).is_some()
+            {
+                env.clocked.insert(name.as_str());
+            }
+        }
+    }
     for (i, step) in spec.steps.iter().enumerate() {
         check_step(cx, &env, ns, step, i, &format!("spec.steps[{i}]"));
     }
@@ -424,6 +437,8 @@ fn check_step(cx: &mut Cx, env: &StepEnv, ns: &Namespace, step: &Step, i: usize,
                             ),
                         );
                     }
+                    let keyed = action.is_some_and(|a| a.idempotency.is_some());
+                    check_call_clock(cx, env, call, keyed, &path);
                 }
             },
         }
@@ -696,6 +711,57 @@ fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, sco
                 format!(
                     "vars.{var} is not set by a step before this one; {}",
                     accepted_or(before, "no step before this one sets a variable")
+                ),
+            );
+        }
+    }
+}
+
+/// What in an expression reads the clock: `now` itself, or a variable set
+/// from it; `None` when nothing does.
+fn clock_read(env: &StepEnv, refs: &cel::References) -> Option<String> {
+    if refs.variables.contains("now") {
+        return Some("now".into());
+    }
+    refs.vars
+        .iter()
+        .find(|v| env.clocked.contains(v.as_str()))
+        .map(|v| format!("vars.{v}, which is set from now,"))
+}
+
+/// A call repeated after a crash (its outcome was not stored yet) is
+/// computed again, and `now` has moved on: a key that reads the clock
+/// makes the repeat a new request, whose effect happens twice; a request
+/// that reads it differs from the first under the same key.
+fn check_call_clock(cx: &mut Cx, env: &StepEnv, call: &CallStep, keyed: bool, path: &str) {
+    let read = |source: &str| {
+        cel::compile(source, Scope::Step)
+            .ok()
+            .and_then(|(_, refs)| clock_read(env, &refs))
+    };
+    if let Some(key) = &call.idempotency_key
+        && let Some(what) = read(key)
+    {
+        cx.error(
+            format!("{path}.idempotencyKey"),
+            format!(
+                "the key reads {what} which is different when the call is repeated after a crash: the repeat would be a new request, and its effect (an invoice, a payment) would happen twice; build the key from key and the events' ids"
+            ),
+        );
+    }
+    if !keyed {
+        return;
+    }
+    let params = call
+        .params
+        .iter()
+        .map(|(name, source)| (format!("{path}.params[{name}]"), source));
+    for (at, source) in params.chain(call.body.iter().map(|b| (format!("{path}.body"), b))) {
+        if let Some(what) = read(source) {
+            cx.warning(
+                at,
+                format!(
+                    "reads {what} so a repeat of this call after a crash sends a different request under the same idempotency key, which a system that checks the payload refuses (the IETF idempotency-key draft has it answer 422); take the time from an event, events['<type>'].time"
                 ),
             );
         }
