@@ -267,6 +267,23 @@ pub fn expire(
     }
     let mut next = status.clone();
     next.resolved_at = Some(to_time(now));
+    // Decisions on the case that did not settle it: too few approvals, or
+    // (in the cluster, where a worker settles what admission let in) ones
+    // no worker had settled when the deadline passed. Named, so the case
+    // does not claim nobody decided.
+    let decided = if spec.decisions.is_empty() {
+        "no decision within the deadline".to_string()
+    } else {
+        let who: Vec<String> = spec
+            .decisions
+            .iter()
+            .map(|d| format!("{} {:?}", d.approver, d.decision))
+            .collect();
+        format!(
+            "the deadline passed before the decisions on the case settled it ({})",
+            who.join(", ")
+        )
+    };
     match (&spec.escalate_to, status.escalated, escalation_window) {
         (Some(to), false, Some(window)) => {
             next.state = CaseState::Escalated;
@@ -274,14 +291,11 @@ pub fn expire(
             next.deadline = Some(to_time(
                 now + chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX),
             ));
-            next.message = Some(format!(
-                "no decision within the deadline; escalated to {}",
-                to.groups.join(", ")
-            ));
+            next.message = Some(format!("{decided}; escalated to {}", to.groups.join(", ")));
         }
         _ => {
             next.state = CaseState::Expired;
-            next.message = Some("no decision within the deadline; expired, which rejects".into());
+            next.message = Some(format!("{decided}; expired, which rejects"));
         }
     }
     Some(next)

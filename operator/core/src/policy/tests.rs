@@ -276,3 +276,32 @@ fn an_expiry_too_long_to_count_is_a_deadline_a_hundred_years_on() {
     let deadline = deadline.unwrap();
     assert_eq!(deadline.years_since(now()), Some(99), "{deadline}");
 }
+
+/// A case that expires with decisions on it says whose: too few approvals,
+/// or (in the cluster) decisions no worker had settled by the deadline.
+/// It does not claim that nobody decided.
+#[test]
+fn an_expiry_names_the_decisions_that_did_not_settle_the_case() {
+    let mut spec = case(2);
+    spec.escalate_to = None;
+    let open = ExceptionCaseStatus::default();
+    let late = now() + chrono::Duration::hours(49);
+    let nobody = expire(&spec, &open, None, late).unwrap();
+    assert_eq!(
+        nobody.message.as_deref(),
+        Some("no decision within the deadline; expired, which rejects")
+    );
+    spec.decisions.push(decision(
+        "alice",
+        &["finance-controllers"],
+        Verdict::Approve,
+    ));
+    let expired = expire(&spec, &open, None, late).unwrap();
+    assert_eq!(expired.state, CaseState::Expired);
+    assert_eq!(
+        expired.message.as_deref(),
+        Some(
+            "the deadline passed before the decisions on the case settled it (alice Approve); expired, which rejects"
+        )
+    );
+}
