@@ -39,6 +39,10 @@ pub enum Error {
     JetStream { what: String, message: String },
     #[error("failed to remove the JetStream objects of {what}: {message}")]
     Cleanup { what: String, message: String },
+    /// Not a failure: the Workflow's worker pods are still stopping, and
+    /// its consumers stay until they have (retried with backoff).
+    #[error("waiting for the workers of {0} to stop before removing their consumers")]
+    WorkersStopping(String),
     #[error("failed to encode {what}")]
     Encode {
         what: String,
@@ -71,8 +75,18 @@ impl Error {
             Error::Finalizer { .. } => "FinalizerFailed",
             Error::JetStream { .. } => "JetStreamFailed",
             Error::Cleanup { .. } => "CleanupFailed",
+            Error::WorkersStopping(_) => "WorkersStopping",
             Error::Encode { .. } => "EncodeFailed",
             Error::Incomplete(_) => "IncompleteObject",
+        }
+    }
+
+    /// The type of the Event a failed reconcile makes: a Warning, except
+    /// for waiting, which is how a deletion goes.
+    pub fn event_type(&self) -> kube::runtime::events::EventType {
+        match self {
+            Error::WorkersStopping(_) => kube::runtime::events::EventType::Normal,
+            _ => kube::runtime::events::EventType::Warning,
         }
     }
 }

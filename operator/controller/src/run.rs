@@ -19,7 +19,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{self, Action, Controller};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::Event;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::runtime::{conditions as wait_conditions, wait::await_condition};
@@ -365,7 +365,7 @@ async fn report<K>(
             tracing::warn!(controller, object = %obj, reason = e.metric_label(), error = %chain, "reconcile failed; retrying with backoff");
             let reference: ObjectReference = (*obj).into();
             let event = Event {
-                type_: EventType::Warning,
+                type_: e.event_type(),
                 reason: e.metric_label().into(),
                 note: Some(chain),
                 action: "Reconcile".into(),

@@ -303,6 +303,81 @@ async fn deletion_runs_the_finalizer() {
     workflow::jetstream::cleanup(&env.js, NS, WF).await.unwrap();
 }
 
+/// The workers stop before their consumers go: a worker whose consumer is
+/// removed under it exits, and started again it would set the consumers
+/// and the bucket up afresh, left behind once the Workflow is gone. While
+/// the worker Deployment is still being deleted (its pods stopping), the
+/// finalizer waits.
+#[tokio::test]
+async fn deletion_waits_for_the_workers_before_removing_their_consumers() {
+    let env = env().await;
+    seed_example(&env, "shipment-to-invoice");
+    settle(&env).await;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> =
+        Api::namespaced(env.ctx.client.clone(), NS);
+    let worker = "shipment-to-invoice-worker";
+    // What the garbage collector's foreground deletion holds it with
+    // while the pods stop.
+    deployments
+        .patch(
+            worker,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": ["foregroundDeletion"]}})),
+        )
+        .await
+        .unwrap();
+    let api: Api<Workflow> = Api::namespaced(env.ctx.client.clone(), NS);
+    api.delete(WF, &DeleteParams::default()).await.unwrap();
+
+    let waiting = reconcile(&env).await.expect_err("waits for the workers");
+    assert!(
+        matches!(waiting, tallyman_controller::Error::WorkersStopping(_)),
+        "{waiting}"
+    );
+    let held = child(&env, "apps/v1", "deployments", worker).expect("still stopping");
+    assert!(held["metadata"]["deletionTimestamp"].is_string(), "{held}");
+    let names = Names::new(NS, WF);
+    let events = env.js.get_stream(names.events_stream()).await.unwrap();
+    assert!(
+        events.consumer_info(names.events_consumer()).await.is_ok(),
+        "the consumer stays while the workers stop"
+    );
+    assert!(
+        current::<Workflow>(&env, WF).is_some(),
+        "the finalizer stays"
+    );
+    // Asked again, the Deployment is not deleted a second time.
+    let deletes = |env: &Env| {
+        env.api
+            .requests()
+            .iter()
+            .filter(|r| r.method == "DELETE" && r.path.ends_with(worker))
+            .count()
+    };
+    assert_eq!(deletes(&env), 1);
+    reconcile(&env).await.expect_err("still waiting");
+    assert_eq!(deletes(&env), 1);
+
+    // The pods are gone: the garbage collector lets the Deployment go.
+    deployments
+        .patch(
+            worker,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
+    reconcile(&env).await.unwrap();
+    assert!(
+        current::<Workflow>(&env, WF).is_none(),
+        "the finalizer was removed"
+    );
+    assert!(
+        events.consumer_info(names.events_consumer()).await.is_err(),
+        "consumer removed"
+    );
+}
+
 #[tokio::test]
 async fn conflicts_and_api_errors_requeue_with_backoff() {
     let env = env().await;

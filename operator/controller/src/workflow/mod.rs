@@ -222,6 +222,7 @@ async fn cleanup(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
         .namespace()
         .ok_or(Error::Incomplete("metadata.namespace"))?;
     let name = wf.name_any();
+    stop_workers(wf, ctx, &ns, &name).await?;
     jetstream::cleanup(&ctx.jetstream, &ns, &name)
         .await
         .map_err(|message| Error::Cleanup {
@@ -245,6 +246,52 @@ async fn cleanup(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
         .remove(&key_of(wf));
     // The children go with the Workflow: they are owned by it.
     Ok(Action::await_change())
+}
+
+/// Delete the Workflow's worker Deployment, its pods first (foreground),
+/// and wait for it to be gone: a worker whose consumer is removed under it
+/// exits, and started again it would set the consumers and the instances
+/// bucket up afresh before the Workflow is gone, leaving them behind.
+async fn stop_workers(wf: &Workflow, ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
+    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let worker = build::worker_name(name);
+    let what = || format!("Deployment {ns}/{worker}");
+    let read = |source| Error::Read {
+        what: what(),
+        source,
+    };
+    let Some(d) = api.get_opt(&worker).await.map_err(read)? else {
+        return Ok(());
+    };
+    // Only our own: a Deployment of that name the Workflow does not own
+    // is left alone.
+    let uid = wf.metadata.uid.as_deref();
+    if !d
+        .owner_references()
+        .iter()
+        .any(|o| Some(o.uid.as_str()) == uid)
+    {
+        return Ok(());
+    }
+    if d.metadata.deletion_timestamp.is_none() {
+        match api
+            .delete(&worker, &kube::api::DeleteParams::foreground())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if crate::error::is_not_found(&e) => return Ok(()),
+            Err(source) => {
+                return Err(Error::Delete {
+                    what: what(),
+                    source,
+                });
+            }
+        }
+        if api.get_opt(&worker).await.map_err(read)?.is_none() {
+            return Ok(());
+        }
+    }
+    Err(Error::WorkersStopping(format!("Workflow {ns}/{name}")))
 }
 
 /// The Connectors and ApprovalPolicies a Workflow names.
