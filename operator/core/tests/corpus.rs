@@ -161,11 +161,13 @@ spec:
     );
 }
 
-/// `now` moves on between a call and its repeat after a crash: in the body
-/// of an action with an idempotency header, directly or through a
-/// variable, it is warned about; the event's own time is not.
+/// `now` moves on between a call and its repeat after a crash. Through a
+/// variable, a key or a lookup that reads it is warned about (the variable
+/// may have been stored before the call), and so is the body of an action
+/// with an idempotency header, directly or not; the event's own time is
+/// not.
 #[test]
-fn a_keyed_request_that_reads_the_clock_is_warned_about() {
+fn a_call_that_reads_the_clock_through_a_variable_is_warned_about() {
     let dir = std::env::temp_dir().join(format!("tallyman-clock-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
@@ -180,6 +182,8 @@ spec:
     actions:
       getOrder: {method: GET, path: "/orders/{orderId}"}
       createInvoice: {method: POST, path: /invoices, idempotency: {header: Idempotency-Key}}
+      postPayment: {method: POST, path: /payments}
+      findPayment: {method: GET, path: "/payments/{ref}"}
 ---
 apiVersion: tallyman.dev/v1alpha1
 kind: Workflow
@@ -199,9 +203,16 @@ spec:
       call:
         connector: erp
         action: createInvoice
+        idempotencyKey: "'inv-' + key + vars.today"
         body: "{'orderId': key, 'dueDate': string(vars.due), 'bookedAt': vars.booked}"
     - name: again
       call: {connector: erp, action: createInvoice, body: "{'orderId': key, 'at': string(now)}"}
+    - name: pay
+      call:
+        connector: erp
+        action: postPayment
+        body: "{'orderId': key, 'at': string(now)}"
+        lookup: {action: findPayment, params: {ref: "key + vars.today"}, found: "response.status == 200"}
 "#,
     )
     .unwrap();
@@ -212,22 +223,47 @@ spec:
         .warnings()
         .map(|w| (w.path.clone(), w.message.clone()))
         .collect();
-    // The GET has no idempotency header: nothing to refuse a changed
-    // request. `booked` is the event's own time.
-    assert_eq!(warnings.len(), 2, "{warnings:?}");
-    assert_eq!(warnings[0].0, "spec.steps[3].call.body");
+    let paths: Vec<&str> = warnings.iter().map(|(p, _)| p.as_str()).collect();
+    // The GET and the payment have no idempotency header: nothing refuses
+    // a changed request. `booked` is the event's own time.
+    assert_eq!(
+        paths,
+        [
+            "spec.steps[3].call.idempotencyKey",
+            "spec.steps[3].call.body",
+            "spec.steps[4].call.body",
+            "spec.steps[5].call.lookup.params[ref]",
+        ],
+        "{warnings:?}"
+    );
+    let stable = "which a step sets from now, so unless the instance is stored between that step and this call";
     assert!(
-        warnings[0]
-            .1
-            .starts_with("reads vars.due, which is set from now,"),
+        warnings[0].1.starts_with("reads vars.today, ")
+            && warnings[0].1.contains(stable)
+            && warnings[0]
+                .1
+                .contains("its effect (an invoice, a payment) would happen twice"),
         "{}",
         warnings[0].1
     );
-    assert_eq!(warnings[1].0, "spec.steps[4].call.body");
     assert!(
-        warnings[1].1.starts_with("reads now so a repeat"),
+        warnings[1].1.starts_with("reads vars.due, ") && warnings[1].1.contains(stable),
         "{}",
         warnings[1].1
     );
-    assert!(warnings[1].1.contains("events['<type>'].time"));
+    assert!(
+        warnings[2]
+            .1
+            .starts_with("reads now so a repeat of this call")
+            && warnings[2].1.contains("events['<type>'].time"),
+        "{}",
+        warnings[2].1
+    );
+    assert!(
+        warnings[3]
+            .1
+            .contains("the lookup of a repeat would not find"),
+        "{}",
+        warnings[3].1
+    );
 }

@@ -717,37 +717,81 @@ fn step_expr(cx: &mut Cx, env: &StepEnv, path: &str, source: &str, i: usize, sco
     }
 }
 
-/// What in an expression reads the clock: `now` itself, or a variable set
-/// from it; `None` when nothing does.
-fn clock_read(env: &StepEnv, refs: &cel::References) -> Option<String> {
+/// How an expression reads the clock.
+enum Clock {
+    /// `now` itself: different every time the expression is computed.
+    Now,
+    /// A variable a `set` step computes from the clock: the same on a
+    /// repeat only when the instance was stored between that step and
+    /// this one (it stopped at an await, a wait or an approval).
+    Var(String),
+}
+
+impl Clock {
+    /// `reads …so …`: what is read, and when it is stable after all.
+    fn reads(&self) -> String {
+        match self {
+            Clock::Now => "reads now so ".into(),
+            Clock::Var(v) => format!(
+                "reads vars.{v}, which a step sets from now, so unless the instance is stored between that step and this call (it stops at an await, a wait or an approval in between), "
+            ),
+        }
+    }
+}
+
+/// Whether an expression reads the clock, and how.
+fn clock_read(env: &StepEnv, refs: &cel::References) -> Option<Clock> {
     if refs.variables.contains("now") {
-        return Some("now".into());
+        return Some(Clock::Now);
     }
     refs.vars
         .iter()
         .find(|v| env.clocked.contains(v.as_str()))
-        .map(|v| format!("vars.{v}, which is set from now,"))
+        .map(|v| Clock::Var(v.clone()))
 }
 
 /// A call repeated after a crash (its outcome was not stored yet) is
-/// computed again, and `now` has moved on: a key that reads the clock
-/// makes the repeat a new request, whose effect happens twice; a request
-/// that reads it differs from the first under the same key.
+/// computed again, and `now` has moved on. A key, or a lookup's params,
+/// that read it make the repeat a new request whose effect happens twice:
+/// an error when it is `now` itself, a warning through a variable (stored
+/// already, it is stable). A keyed request that reads it differs from the
+/// first under the same key: a warning.
 fn check_call_clock(cx: &mut Cx, env: &StepEnv, call: &CallStep, keyed: bool, path: &str) {
     let read = |source: &str| {
         cel::compile(source, Scope::Step)
             .ok()
             .and_then(|(_, refs)| clock_read(env, &refs))
     };
-    if let Some(key) = &call.idempotency_key
-        && let Some(what) = read(key)
-    {
-        cx.error(
-            format!("{path}.idempotencyKey"),
+    let finding = |cx: &mut Cx, at: String, clock: Clock, harm: &str| match clock {
+        Clock::Now => cx.error(
+            at,
             format!(
-                "the key reads {what} which is different when the call is repeated after a crash: the repeat would be a new request, and its effect (an invoice, a payment) would happen twice; build the key from key and the events' ids"
+                "reads now, which is different when the call is repeated after a crash: {harm}"
             ),
+        ),
+        Clock::Var(_) => cx.warning(at, format!("{}{harm}", clock.reads())),
+    };
+    if let Some(key) = &call.idempotency_key
+        && let Some(clock) = read(key)
+    {
+        finding(
+            cx,
+            format!("{path}.idempotencyKey"),
+            clock,
+            "a repeat would be a new request under a new key, and its effect (an invoice, a payment) would happen twice; build the key from key and the events' ids",
         );
+    }
+    if let Some(lookup) = &call.lookup {
+        for (name, source) in &lookup.params {
+            if let Some(clock) = read(source) {
+                finding(
+                    cx,
+                    format!("{path}.lookup.params[{name}]"),
+                    clock,
+                    "the lookup of a repeat would not find what the first request made, and its effect would happen twice",
+                );
+            }
+        }
     }
     if !keyed {
         return;
@@ -757,11 +801,12 @@ fn check_call_clock(cx: &mut Cx, env: &StepEnv, call: &CallStep, keyed: bool, pa
         .iter()
         .map(|(name, source)| (format!("{path}.params[{name}]"), source));
     for (at, source) in params.chain(call.body.iter().map(|b| (format!("{path}.body"), b))) {
-        if let Some(what) = read(source) {
+        if let Some(clock) = read(source) {
             cx.warning(
                 at,
                 format!(
-                    "reads {what} so a repeat of this call after a crash sends a different request under the same idempotency key, which a system that checks the payload refuses (the IETF idempotency-key draft has it answer 422); take the time from an event, events['<type>'].time"
+                    "{}a repeat of this call after a crash sends a different request under the same idempotency key, which a system that checks the payload refuses (the IETF idempotency-key draft has it answer 422); take the time from an event, events['<type>'].time",
+                    clock.reads()
                 ),
             );
         }
