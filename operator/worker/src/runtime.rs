@@ -388,12 +388,13 @@ impl Worker {
         // before the other loop's next slot, while that loop holds part of
         // a batch, would wait for that part for ever.)
         self.drain().await;
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        // The messages in flight are done: count them too.
+        // The messages in flight are done: count them too, however the
+        // worker stops.
         if let Err(e) = self.flush_counts().await {
             warn!(error = %e, "failed to store the last instance counts");
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         info!(workflow = %self.names.workflow, "worker stopped");
         Ok(())
@@ -778,6 +779,7 @@ impl Worker {
                 .inc();
             let _ = msg.ack().await;
         } else {
+            self.count_retried(1);
             let _ = msg
                 .ack_with(AckKind::Nak(Some(Duration::from_secs(5))))
                 .await;

@@ -1225,12 +1225,20 @@ async fn a_message_task_stays_small() {
 
 /// A worker whose event consumer is gone consumes nothing: it stops with
 /// an error (and its process exits, so Kubernetes restarts it) instead of
-/// staying ready.
+/// staying ready. What was in flight is finished and counted first.
 #[tokio::test]
 async fn a_worker_whose_consumer_is_deleted_stops_with_an_error() {
     let env = env("shipment-to-invoice").await;
     let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    // One instance in flight when the consumer goes: its invoice is slow.
+    seed_order(&env.erp, "LAST", 5, "0.10");
+    env.erp.delay("/invoices", Duration::from_millis(1500));
+    publish_order_and_shipment(&js, "LAST", 5).await;
+    wait_for("the invoice call", Duration::from_secs(10), || {
+        env.erp.requests("/invoices") == 1
+    })
+    .await;
     let ns = env.def.namespace.to_uppercase();
     let stream = js
         .get_stream(format!("TALLYMAN_{ns}_EVENTS"))
@@ -1251,6 +1259,63 @@ async fn a_worker_whose_consumer_is_deleted_stops_with_an_error() {
             .contains("event consumer wf-shipment-to-invoice ended"),
         "{err}"
     );
+    // Finished during the drain, counted by the last flush.
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let counts = js.get_key_value(names.counts_bucket()).await.unwrap();
+    let total = tallyman_worker::counts::read(&counts, "shipment-to-invoice")
+        .await
+        .unwrap();
+    assert_eq!(total.completed, 1, "{total:?}");
+    assert_eq!(env.erp.invoice_count(), 1);
+}
+
+/// `tallyman_worker_messages_retried_total` of the example's Workflow.
+fn retried(metrics: &tallyman_telemetry::Metrics) -> u64 {
+    let series = format!(
+        "tallyman_worker_messages_retried_total{{namespace=\"{NS}\",workflow=\"shipment-to-invoice\"}}"
+    );
+    let text = metrics.encode();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A poison message whose dead letter cannot be stored (the dead-letter
+/// stream is gone) is handed back too, and counted like the others.
+#[tokio::test]
+async fn a_poison_message_that_cannot_be_dead_lettered_is_counted_as_handed_back() {
+    let env = env("shipment-to-invoice").await;
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        &env.def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    js.delete_stream(format!("TALLYMAN_{}_DLQ", NS.to_uppercase()))
+        .await
+        .expect("the dead-letter stream deleted");
+    js.publish(
+        format!("tallyman.{NS}.events.order.created"),
+        "not json".into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    wait_for(
+        "the poison message to be handed back",
+        Duration::from_secs(15),
+        || retried(&metrics) >= 1,
+    )
+    .await;
+    assert_eq!(run.worker.stats.dead_letters.load(Ordering::Relaxed), 0);
+    run.shutdown().await;
 }
 
 /// An event whose instance cannot be read is handed back again and again;
@@ -1268,17 +1333,7 @@ async fn an_event_that_cannot_be_processed_is_counted_each_time_it_is_handed_bac
         |c| c.metrics = metrics.clone(),
     )
     .await;
-    let series = format!(
-        "tallyman_worker_messages_retried_total{{namespace=\"{NS}\",workflow=\"shipment-to-invoice\"}}"
-    );
-    let count = || -> u64 {
-        let text = metrics.encode();
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .unwrap_or_else(|| panic!("no {series} in\n{text}"));
-        line.rsplit(' ').next().unwrap().parse().unwrap()
-    };
+    let count = || retried(&metrics);
     assert_eq!(count(), 0, "exposed at zero from the start");
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     let kv = js

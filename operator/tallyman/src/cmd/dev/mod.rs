@@ -220,27 +220,28 @@ async fn serve(
     write_address(&args, addr, &nats_url)?;
 
     // A worker stops by itself only when it can no longer consume: then
-    // dev mode stops too, with its error.
-    let mut first = None;
+    // dev mode stops too (the other workers finish what they hold), with
+    // its error.
+    let mut ran = Vec::new();
     tokio::select! {
         () = shutdown_signal() => {
             tracing::info!("shutting down: finishing the requests and messages in flight");
         }
-        Some(ran) = tasks.join_next() => {
+        Some(first) = tasks.join_next() => {
             tracing::error!("a worker stopped by itself; stopping");
-            first = Some(ran);
+            ran.push(first);
         }
     }
     ready.set_ready(false);
     let _ = stop.send(true);
     let _ = http.await;
-    if let Some(ran) = first {
-        ran.context("a worker panicked")??;
-    }
-    while let Some(ran) = tasks.join_next().await {
-        ran.context("a worker panicked")??;
+    while let Some(next) = tasks.join_next().await {
+        ran.push(next);
     }
     let _ = std::fs::remove_file(args.state_dir.join("dev.json"));
+    for result in ran {
+        result.context("a worker panicked")??;
+    }
     println!("tallyman dev: stopped");
     Ok(ExitCode::SUCCESS)
 }
