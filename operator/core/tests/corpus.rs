@@ -131,12 +131,21 @@ fn the_examples_are_valid() {
     );
 }
 
+/// The report on one file of manifests, written to a directory of its own.
+fn validate_one(dir: &str, file: &str, text: &str) -> validate::Report {
+    let dir = std::env::temp_dir().join(format!("{dir}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(file), text).unwrap();
+    let report = validate::validate_paths(std::slice::from_ref(&dir));
+    std::fs::remove_dir_all(&dir).unwrap();
+    report
+}
+
 #[test]
 fn a_double_literal_in_an_expression_is_warned_about_but_valid() {
-    let dir = std::env::temp_dir().join(format!("tallyman-doubles-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("policy.yaml"),
+    let report = validate_one(
+        "tallyman-doubles",
+        "policy.yaml",
         r#"apiVersion: tallyman.dev/v1alpha1
 kind: ApprovalPolicy
 metadata: {name: variance, namespace: finance}
@@ -145,10 +154,7 @@ spec:
     - {name: tiny, when: "facts.amount < decimal('500.00')", decide: AutoApprove}
     - {name: rest, when: "facts.amount < 0.1 + 0.2", decide: AutoReject}
 "#,
-    )
-    .unwrap();
-    let report = validate::validate_paths(std::slice::from_ref(&dir));
-    std::fs::remove_dir_all(&dir).unwrap();
+    );
     assert!(!report.has_errors(), "{:?}", report.diagnostics);
     let warnings: Vec<_> = report.warnings().collect();
     assert_eq!(warnings.len(), 1, "{warnings:?}");
@@ -168,10 +174,9 @@ spec:
 /// not.
 #[test]
 fn a_call_that_reads_the_clock_through_a_variable_is_warned_about() {
-    let dir = std::env::temp_dir().join(format!("tallyman-clock-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("workflow.yaml"),
+    let report = validate_one(
+        "tallyman-clock",
+        "workflow.yaml",
         r#"apiVersion: tallyman.dev/v1alpha1
 kind: Connector
 metadata: {name: erp, namespace: finance}
@@ -214,10 +219,7 @@ spec:
         body: "{'orderId': key, 'at': string(now)}"
         lookup: {action: findPayment, params: {ref: "key + vars.today"}, found: "response.status == 200"}
 "#,
-    )
-    .unwrap();
-    let report = validate::validate_paths(std::slice::from_ref(&dir));
-    std::fs::remove_dir_all(&dir).unwrap();
+    );
     assert!(!report.has_errors(), "{:?}", report.diagnostics);
     let warnings: Vec<(String, String)> = report
         .warnings()

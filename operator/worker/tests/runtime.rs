@@ -287,15 +287,7 @@ async fn an_instances_events_taken_together_are_applied_in_one_commit() {
             publish_again(&js, NS, first.0, &first.1, &first.2).await;
         }
     }
-    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
-    let run = start_tuned(
-        &env.nats.url(),
-        &env.def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.metrics = metrics.clone(),
-    )
-    .await;
+    let (run, metrics) = start_measured(&env, &env.def).await;
     let stats = run.worker.stats.clone();
     wait_for(
         "every instance to complete",
@@ -433,15 +425,7 @@ async fn an_sla_breach_is_recorded_and_counted_once() {
     seed_order(&env.erp, "SLOW", 5, "0.10");
     let mut def = env.def.clone();
     def.spec.sla.as_mut().unwrap().complete = "1s".parse().unwrap();
-    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
-    let run = start_tuned(
-        &env.nats.url(),
-        &def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.metrics = metrics.clone(),
-    )
-    .await;
+    let (run, metrics) = start_measured(&env, &def).await;
     publish(&js, NS, "order.created", "o-slow", &order_data("SLOW")).await;
     let labels = tallyman_telemetry::WorkflowLabels::new(NS, "shipment-to-invoice");
     let breaches = || metrics.worker.sla_breaches.get_or_create(&labels).get();
@@ -502,15 +486,7 @@ async fn an_sla_armed_again_after_a_shorter_wait_fired_still_fires() {
     // instance's one schedule subject), not messages due at once.
     def.spec.sla.as_mut().unwrap().complete = "8s".parse().unwrap();
     def.spec.trigger.events.push("order.cancelled".into());
-    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
-    let run = start_tuned(
-        &env.nats.url(),
-        &def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.metrics = metrics.clone(),
-    )
-    .await;
+    let (run, metrics) = start_measured(&env, &def).await;
     let step = |run: &Running| {
         let worker = run.worker.clone();
         async move {
@@ -1269,6 +1245,23 @@ async fn a_worker_whose_consumer_is_deleted_stops_with_an_error() {
     assert_eq!(env.erp.invoice_count(), 1);
 }
 
+/// A worker on `def` with metrics of its own, to read back.
+async fn start_measured(
+    env: &Env,
+    def: &tallyman_core::engine::Definition,
+) -> (Running, std::sync::Arc<tallyman_telemetry::Metrics>) {
+    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
+    let run = start_tuned(
+        &env.nats.url(),
+        def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.metrics = metrics.clone(),
+    )
+    .await;
+    (run, metrics)
+}
+
 /// `tallyman_worker_messages_retried_total` of the example's Workflow.
 fn retried(metrics: &tallyman_telemetry::Metrics) -> u64 {
     let series = format!(
@@ -1287,15 +1280,7 @@ fn retried(metrics: &tallyman_telemetry::Metrics) -> u64 {
 #[tokio::test]
 async fn a_poison_message_that_cannot_be_dead_lettered_is_counted_as_handed_back() {
     let env = env("shipment-to-invoice").await;
-    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
-    let run = start_tuned(
-        &env.nats.url(),
-        &env.def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.metrics = metrics.clone(),
-    )
-    .await;
+    let (run, metrics) = start_measured(&env, &env.def).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     js.delete_stream(format!("TALLYMAN_{}_DLQ", NS.to_uppercase()))
         .await
@@ -1324,15 +1309,7 @@ async fn a_poison_message_that_cannot_be_dead_lettered_is_counted_as_handed_back
 #[tokio::test]
 async fn an_event_that_cannot_be_processed_is_counted_each_time_it_is_handed_back() {
     let env = env("shipment-to-invoice").await;
-    let metrics = std::sync::Arc::new(tallyman_telemetry::Metrics::new());
-    let run = start_tuned(
-        &env.nats.url(),
-        &env.def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.metrics = metrics.clone(),
-    )
-    .await;
+    let (run, metrics) = start_measured(&env, &env.def).await;
     let count = || retried(&metrics);
     assert_eq!(count(), 0, "exposed at zero from the start");
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
