@@ -257,6 +257,7 @@ async fn deletion_runs_the_finalizer() {
         .await
         .expect("the counts bucket is ensured with the Workflow");
     tallyman_worker::counts::add(
+        &env.js,
         &counts,
         WF,
         &tallyman_worker::counts::Counts {
@@ -264,6 +265,7 @@ async fn deletion_runs_the_finalizer() {
             completed: 3,
             ..Default::default()
         },
+        "counts/test/1",
     )
     .await
     .unwrap();

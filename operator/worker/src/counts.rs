@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! replica ─count() after each stored transition─▶ Stats (in memory)
-//!         ─every second: the change since the last flush─▶ KV tallyman_<ns>_counts[<workflow>]  (CAS add)
+//!         ─every second: the change since the last flush─▶ KV tallyman_<ns>_counts[<workflow>]  (CAS add, with an id)
 //!         ─at most every 5 s, in a cluster─▶ Workflow status.instances (merge patch, when it changed)
 //! ```
 //!
@@ -11,11 +11,12 @@
 //! succeeded. A replica killed between that and its next flush loses up to
 //! a second of counts (the instances are not lost, only counted short), so the
 //! numbers are for operating, not for accounting; the audit stream is
-//! exact.
+//! exact. An addition whose reply is lost is tried again under its id, which
+//! the broker deduplicates for two minutes: not counted twice.
 
 use std::sync::atomic::Ordering;
 
-use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, context::PublishErrorKind, kv};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -92,9 +93,23 @@ pub async fn read(store: &kv::Store, workflow: &str) -> Result<Counts, Error> {
     }
 }
 
-/// Add `delta` to the stored totals (compare-and-set; other replicas add
-/// concurrently) and return the new totals.
-pub async fn add(store: &kv::Store, workflow: &str, delta: &Counts) -> Result<Counts, Error> {
+/// Add `delta` to `workflow`'s counts, once: `id` names this addition, and
+/// the broker drops a second write with the same `Nats-Msg-Id` within the
+/// bucket's duplicate window (two minutes). An addition whose reply was
+/// lost, tried again under its id, is not counted twice. Returns the
+/// totals after it.
+pub async fn add(
+    js: &jetstream::Context,
+    store: &kv::Store,
+    workflow: &str,
+    delta: &Counts,
+    id: &str,
+) -> Result<Counts, Error> {
+    // What kv::Store::update publishes, with the message id besides.
+    let subject = format!(
+        "{}{workflow}",
+        store.put_prefix.as_deref().unwrap_or(&store.prefix)
+    );
     for _ in 0..ATTEMPTS {
         let entry = store
             .entry(workflow)
@@ -105,38 +120,33 @@ pub async fn add(store: &kv::Store, workflow: &str, delta: &Counts) -> Result<Co
                 serde_json::from_slice::<Counts>(&e.value).map_err(|e| {
                     Error::Store(format!("the counts of {workflow} are not readable: {e}"))
                 })?,
-                Some(e.revision),
+                e.revision,
             ),
-            _ => (Counts::default(), None),
+            // No entry (or a deleted one): expect the one read, or none.
+            Some(e) => (Counts::default(), e.revision),
+            None => (Counts::default(), 0),
         };
         let next = current.plus(delta);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            revision.to_string().as_str(),
+        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let bytes = Bytes::from(serde_json::to_vec(&next).expect("counts serialize"));
-        let written = match revision {
-            Some(r) => store
-                .update(workflow, bytes, r)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::UpdateErrorKind::WrongLastRevision,
-                        e.to_string(),
-                    )
-                }),
-            None => store
-                .create(workflow, bytes)
-                .await
-                .map(|_| ())
-                .map_err(|e| {
-                    (
-                        e.kind() == kv::CreateErrorKind::AlreadyExists,
-                        e.to_string(),
-                    )
-                }),
+        let acked = match js
+            .publish_with_headers(subject.clone(), headers, bytes)
+            .await
+        {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
         };
-        match written {
-            Ok(()) => return Ok(next),
-            Err((true, _)) => continue,
-            Err((false, e)) => {
+        match acked {
+            // Added before, its reply lost: `current` has it already.
+            Ok(ack) if ack.duplicate => return Ok(current),
+            Ok(_) => return Ok(next),
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
+            Err(e) => {
                 return Err(Error::Store(format!(
                     "failed to store the counts of {workflow}: {e}"
                 )));

@@ -136,7 +136,7 @@ pub struct Worker {
     /// `max_payload`, less room for the subject and headers).
     max_state: usize,
     /// What of `stats` is already added to the shared counters.
-    flushed: tokio::sync::Mutex<Counts>,
+    flushed: tokio::sync::Mutex<Flushed>,
     /// In a cluster: the Workflow whose `status.instances` the counters go to.
     workflows: Option<kube::Api<tallyman_api::v1alpha1::Workflow>>,
     /// In a cluster: Events on that Workflow for failures SREs should see.
@@ -201,6 +201,44 @@ const COUNTS_PUBLISH: Duration = Duration::from_secs(5);
 const CAS_ATTEMPTS: usize = 32;
 
 /// One instance's events from one batch, applied in one commit.
+/// What of a worker's counts is in the shared counters.
+struct Flushed {
+    done: Counts,
+    /// An addition (its id, and the counts it brings `done` to) that failed
+    /// in a way that leaves open whether it was stored.
+    pending: Option<(String, Counts)>,
+    /// This worker among every writer of the counters: a process and a
+    /// moment, and which Worker of the process.
+    writer: String,
+    seq: u64,
+}
+
+impl Flushed {
+    fn new() -> Self {
+        static WORKERS: AtomicU64 = AtomicU64::new(0);
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Flushed {
+            done: Counts::default(),
+            pending: None,
+            writer: format!(
+                "{:x}-{started:x}-{}",
+                std::process::id(),
+                WORKERS.fetch_add(1, Ordering::Relaxed)
+            ),
+            seq: 0,
+        }
+    }
+
+    /// The id of the next addition to `workflow`'s counters.
+    fn next_id(&mut self, workflow: &str) -> String {
+        self.seq += 1;
+        format!("counts/{workflow}/{}/{}", self.writer, self.seq)
+    }
+}
+
 struct Group {
     key: String,
     inputs: Vec<Input>,
@@ -305,7 +343,7 @@ impl Worker {
             ack_floors: [AtomicU64::new(0), AtomicU64::new(0)],
             ack_wait: config.ack_wait,
             max_state,
-            flushed: tokio::sync::Mutex::new(Counts::default()),
+            flushed: tokio::sync::Mutex::new(Flushed::new()),
             workflows,
             notices,
             stats: Arc::new(Stats::default()),
@@ -480,15 +518,28 @@ impl Worker {
 
     /// Add what this process counted since the last flush to the shared
     /// counters; the new totals, or `None` when there was nothing to add.
+    /// An addition that failed without saying whether it was stored is
+    /// tried again first, under its id, with what it held.
     async fn flush_counts(&self) -> Result<Option<Counts>, Error> {
         let mut flushed = self.flushed.lock().await;
-        let now = Counts::of(&self.stats);
-        let delta = now.since(&flushed);
-        if delta.is_zero() {
-            return Ok(None);
+        let (js, wf) = (self.js(), &self.names.workflow);
+        let mut total = None;
+        if let Some((id, upto)) = flushed.pending.clone() {
+            let delta = upto.since(&flushed.done);
+            total = Some(counts::add(js, &self.handles.counts, wf, &delta, &id).await?);
+            flushed.done = upto;
+            flushed.pending = None;
         }
-        let total = counts::add(&self.handles.counts, &self.names.workflow, &delta).await?;
-        *flushed = now;
+        let now = Counts::of(&self.stats);
+        let delta = now.since(&flushed.done);
+        if delta.is_zero() {
+            return Ok(total);
+        }
+        let id = flushed.next_id(wf);
+        flushed.pending = Some((id.clone(), now));
+        let total = counts::add(js, &self.handles.counts, wf, &delta, &id).await?;
+        flushed.done = now;
+        flushed.pending = None;
         Ok(Some(total))
     }
 
@@ -1872,7 +1923,7 @@ impl Worker {
     pub async fn tally(&self) -> Result<Tally, Error> {
         let flushed = self.flushed.lock().await;
         let stored = counts::read(&self.handles.counts, &self.names.workflow).await?;
-        let total = stored.plus(&Counts::of(&self.stats).since(&flushed));
+        let total = stored.plus(&Counts::of(&self.stats).since(&flushed.done));
         Ok(Tally {
             running: total.running(),
             completed: total.completed,

@@ -1329,3 +1329,50 @@ async fn an_event_that_cannot_be_processed_is_counted_each_time_it_is_handed_bac
     assert_eq!(env.erp.requests("/orders"), 0, "nothing called");
     run.shutdown().await;
 }
+
+/// An addition to the shared counts whose reply was lost is tried again
+/// under the same id, against whatever the counts are by then: the broker
+/// drops the repeat, so it is counted once, and the totals returned
+/// include it.
+#[tokio::test]
+async fn an_addition_to_the_counts_tried_again_is_counted_once() {
+    use tallyman_worker::counts::{self, Counts};
+    let nats = tallyman_testing::nats::NatsServer::start();
+    let js = async_nats::jetstream::new(connect(&nats.url()).await);
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let ns = tallyman_worker::setup::ensure_namespace(&js, &names)
+        .await
+        .expect("streams");
+    let store = ns.counts;
+    let two = Counts {
+        started: 2,
+        completed: 1,
+        ..Default::default()
+    };
+    let wf = "shipment-to-invoice";
+    assert_eq!(
+        counts::add(&js, &store, wf, &two, "a/1").await.unwrap(),
+        two
+    );
+    // Another replica adds meanwhile.
+    let one = Counts {
+        started: 1,
+        ..Default::default()
+    };
+    let three = two.plus(&one);
+    assert_eq!(
+        counts::add(&js, &store, wf, &one, "b/1").await.unwrap(),
+        three
+    );
+    // The first one again: its reply was lost.
+    assert_eq!(
+        counts::add(&js, &store, wf, &two, "a/1").await.unwrap(),
+        three
+    );
+    assert_eq!(counts::read(&store, wf).await.unwrap(), three);
+    // The next addition of that replica counts.
+    assert_eq!(
+        counts::add(&js, &store, wf, &two, "a/2").await.unwrap(),
+        three.plus(&two)
+    );
+}
