@@ -81,12 +81,19 @@ impl Error {
         }
     }
 
+    /// Not a failure: the reconcile waits for something that takes its
+    /// time (a deletion's workers stopping).
+    pub fn is_waiting(&self) -> bool {
+        matches!(self, Error::WorkersStopping(_))
+    }
+
     /// The type of the Event a failed reconcile makes: a Warning, except
     /// for waiting, which is how a deletion goes.
     pub fn event_type(&self) -> kube::runtime::events::EventType {
-        match self {
-            Error::WorkersStopping(_) => kube::runtime::events::EventType::Normal,
-            _ => kube::runtime::events::EventType::Warning,
+        if self.is_waiting() {
+            kube::runtime::events::EventType::Normal
+        } else {
+            kube::runtime::events::EventType::Warning
         }
     }
 }
@@ -109,5 +116,26 @@ pub fn from_finalizer(what: String, e: kube::runtime::finalizer::Error<Error>) -
         F::AddFinalizer(source) | F::RemoveFinalizer(source) => Error::Finalizer { what, source },
         F::UnnamedObject => Error::Incomplete("metadata.name"),
         F::InvalidFinalizer => Error::Incomplete("a valid finalizer name"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::events::EventType;
+
+    use super::*;
+
+    #[test]
+    fn only_waiting_for_workers_is_a_normal_event() {
+        let waiting = Error::WorkersStopping("Workflow finance/s2i".into());
+        assert!(waiting.is_waiting());
+        assert_eq!(waiting.event_type(), EventType::Normal);
+        assert_eq!(waiting.metric_label(), "WorkersStopping");
+        let failed = Error::Cleanup {
+            what: "Workflow finance/s2i".into(),
+            message: "broker unreachable".into(),
+        };
+        assert!(!failed.is_waiting());
+        assert_eq!(failed.event_type(), EventType::Warning);
     }
 }

@@ -362,7 +362,11 @@ async fn report<K>(
         Ok((obj, action)) => tracing::debug!(controller, object = %obj, ?action, "reconciled"),
         Err(controller::Error::ReconcilerFailed(e, obj)) => {
             let chain = error_chain(&e);
-            tracing::warn!(controller, object = %obj, reason = e.metric_label(), error = %chain, "reconcile failed; retrying with backoff");
+            if e.is_waiting() {
+                tracing::info!(controller, object = %obj, reason = e.metric_label(), "{chain}; asking again with backoff");
+            } else {
+                tracing::warn!(controller, object = %obj, reason = e.metric_label(), error = %chain, "reconcile failed; retrying with backoff");
+            }
             let reference: ObjectReference = (*obj).into();
             let event = Event {
                 type_: e.event_type(),
