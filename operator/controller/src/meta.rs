@@ -162,14 +162,18 @@ where
     Ok(())
 }
 
-/// Delete `name` if it exists.
-pub async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<bool, Error>
+/// Delete `name` if it exists; whether it did.
+pub async fn delete_if_present<K>(
+    api: &Api<K>,
+    name: &str,
+    params: &kube::api::DeleteParams,
+) -> Result<bool, Error>
 where
     K: Resource + Clone + Debug + DeserializeOwned,
     K::DynamicType: Default,
 {
     let kind = K::kind(&K::DynamicType::default()).to_string();
-    match api.delete(name, &Default::default()).await {
+    match api.delete(name, params).await {
         Ok(_) => Ok(true),
         Err(e) if crate::error::is_not_found(&e) => Ok(false),
         Err(source) => Err(Error::Delete {

@@ -346,21 +346,14 @@ impl RestClient {
                     );
                     continue;
                 }
-                // A keyed 409 to the last attempt: the key's request was not
-                // in progress but refused (a booking that conflicts). The
-                // system's answer says why; it goes with the failure.
+                // A keyed 409 is waited out, except at the last attempt: then
+                // it is refused like other 4xx, with the system's answer.
                 Ok((answer, _))
-                    if answer.status == StatusCode::CONFLICT
-                        && idempotency.is_some()
-                        && failures + 1 >= inner.backoff.max_attempts =>
+                    if retry::retryable_call(
+                        answer.status,
+                        idempotency.is_some() && failures + 1 < inner.backoff.max_attempts,
+                    ) =>
                 {
-                    Failure::Stop(CallError::Rejected {
-                        status: answer.status.as_u16(),
-                        body: text(answer.body),
-                        attempts,
-                    })
-                }
-                Ok((answer, _)) if retry::retryable_call(answer.status, idempotency.is_some()) => {
                     Failure::Retry {
                         reason: format!("HTTP {}", answer.status.as_u16()),
                         floor: retry::retry_after(answer.status, &answer.headers),

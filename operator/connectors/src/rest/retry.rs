@@ -56,7 +56,7 @@ pub(crate) fn retryable(status: StatusCode) -> bool {
 }
 
 /// Whether a call's answer is worth another attempt; `keyed`: the request
-/// carried an idempotency key. A 409 to a keyed request says the key's
+/// carried an idempotency key and has attempts left. A 409 to a keyed request says the key's
 /// first request is still being processed (draft-ietf-httpapi-idempotency-
 /// key-header); its answer comes to a later attempt. Taken as a refusal,
 /// the call would fail while the booking is made.

@@ -88,10 +88,10 @@ async fn apply(c: &Connector, ctx: &Context) -> Result<Action, Error> {
         None => {
             // No webhook left to serve: the gateway goes (pruned by name; it
             // is only ever created under this name by this controller).
-            meta::delete_if_present(&budgets, gateway::NAME).await?;
-            meta::delete_if_present(&services, gateway::NAME).await?;
-            meta::delete_if_present(&deployments, gateway::NAME).await?;
-            meta::delete_if_present(&config_maps, gateway::NAME).await?;
+            meta::delete_if_present(&budgets, gateway::NAME, &Default::default()).await?;
+            meta::delete_if_present(&services, gateway::NAME, &Default::default()).await?;
+            meta::delete_if_present(&deployments, gateway::NAME, &Default::default()).await?;
+            meta::delete_if_present(&config_maps, gateway::NAME, &Default::default()).await?;
             None
         }
     };

@@ -255,9 +255,8 @@ async fn cleanup(wf: &Workflow, ctx: &Context) -> Result<Action, Error> {
 async fn stop_workers(wf: &Workflow, ctx: &Context, ns: &str, name: &str) -> Result<(), Error> {
     let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let worker = build::worker_name(name);
-    let what = || format!("Deployment {ns}/{worker}");
     let read = |source| Error::Read {
-        what: what(),
+        what: format!("Deployment {ns}/{worker}"),
         source,
     };
     let Some(d) = api.get_opt(&worker).await.map_err(read)? else {
@@ -274,20 +273,11 @@ async fn stop_workers(wf: &Workflow, ctx: &Context, ns: &str, name: &str) -> Res
         return Ok(());
     }
     if d.metadata.deletion_timestamp.is_none() {
-        match api
-            .delete(&worker, &kube::api::DeleteParams::foreground())
-            .await
+        let foreground = kube::api::DeleteParams::foreground();
+        // Deleted at once (no pods), or gone before we asked.
+        if !meta::delete_if_present(&api, &worker, &foreground).await?
+            || api.get_opt(&worker).await.map_err(read)?.is_none()
         {
-            Ok(_) => {}
-            Err(e) if crate::error::is_not_found(&e) => return Ok(()),
-            Err(source) => {
-                return Err(Error::Delete {
-                    what: what(),
-                    source,
-                });
-            }
-        }
-        if api.get_opt(&worker).await.map_err(read)?.is_none() {
             return Ok(());
         }
     }
