@@ -16,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 
-use async_nats::jetstream::{self, context::PublishErrorKind, kv};
+use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -127,17 +127,12 @@ pub async fn add(
             None => (Counts::default(), 0),
         };
         let next = current.plus(delta);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            revision.to_string().as_str(),
-        );
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let bytes = Bytes::from(serde_json::to_vec(&next).expect("counts serialize"));
-        let acked = match js
-            .publish_with_headers(subject.clone(), headers, bytes)
-            .await
-        {
+        let publish = PublishMessage::build()
+            .message_id(id)
+            .expected_last_subject_sequence(revision)
+            .payload(bytes);
+        let acked = match js.send_publish(subject.clone(), publish).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };

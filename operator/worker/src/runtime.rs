@@ -21,7 +21,7 @@ use tallyman_core::engine::{
 };
 use tallyman_telemetry::{
     CallLabels, EventLabels, ExceptionLabels, InstanceEndLabels, InstanceOutcome, Metrics,
-    StatusClass, StepLabels, WorkflowLabels,
+    StatusClass, WorkflowLabels,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, debug, error, info, warn};
@@ -522,23 +522,26 @@ impl Worker {
     /// tried again first, under its id, with what it held.
     async fn flush_counts(&self) -> Result<Option<Counts>, Error> {
         let mut flushed = self.flushed.lock().await;
-        let (js, wf) = (self.js(), &self.names.workflow);
-        let mut total = None;
-        if let Some((id, upto)) = flushed.pending.clone() {
-            let delta = upto.since(&flushed.done);
-            total = Some(counts::add(js, &self.handles.counts, wf, &delta, &id).await?);
-            flushed.done = upto;
-            flushed.pending = None;
-        }
+        let mut total = self.add_pending(&mut flushed).await?;
         let now = Counts::of(&self.stats);
-        let delta = now.since(&flushed.done);
-        if delta.is_zero() {
-            return Ok(total);
+        if now != flushed.done {
+            let id = flushed.next_id(&self.names.workflow);
+            flushed.pending = Some((id, now));
+            total = self.add_pending(&mut flushed).await?;
         }
-        let id = flushed.next_id(wf);
-        flushed.pending = Some((id.clone(), now));
-        let total = counts::add(js, &self.handles.counts, wf, &delta, &id).await?;
-        flushed.done = now;
+        Ok(total)
+    }
+
+    /// Add the pending addition of `flushed`, under its id; the totals
+    /// after it, or `None` when none is pending. Failed, it stays pending.
+    async fn add_pending(&self, flushed: &mut Flushed) -> Result<Option<Counts>, Error> {
+        let Some((id, upto)) = flushed.pending.clone() else {
+            return Ok(None);
+        };
+        let delta = upto.since(&flushed.done);
+        let wf = &self.names.workflow;
+        let total = counts::add(self.js(), &self.handles.counts, wf, &delta, &id).await?;
+        flushed.done = upto;
         flushed.pending = None;
         Ok(Some(total))
     }
@@ -715,7 +718,7 @@ impl Worker {
             permits,
             parsed,
         } = group;
-        match self.process_parsed(&key, inputs, &msgs, parsed).await {
+        match self.process_parsed(&key, &inputs, &msgs, parsed).await {
             // Together too large to store: each on its own, so only an
             // event that cannot be stored alone is dead-lettered. Their
             // calls are made again, with the same idempotency keys.
@@ -728,11 +731,12 @@ impl Worker {
                 // be tried again, the rest are too, so they stay in order.
                 // Boxed: rare, and as large as the common path's future.
                 let mut one_by_one = Box::pin(async {
-                    for (n, msg) in msgs.iter().enumerate() {
-                        let Ok(ev) = wire_event(msg) else { continue };
+                    // One input per message, in the same order.
+                    for (n, (msg, input)) in msgs.iter().zip(&inputs).enumerate() {
                         let alone = std::slice::from_ref(msg);
+                        let one = std::slice::from_ref(input);
                         let result = self
-                            .process_parsed(&key, vec![Input::Event(ev)], alone, Values::default())
+                            .process_parsed(&key, one, alone, Values::default())
                             .await;
                         let again = matches!(&result, Err(e) if !matches!(e, Error::Unstorable(_)));
                         self.settle(&key, alone, result).await;
@@ -846,7 +850,7 @@ impl Worker {
         msg: Option<Arc<jetstream::Message>>,
     ) -> Result<(), Error> {
         let msgs: Vec<_> = msg.into_iter().collect();
-        self.process_parsed(key, vec![input], &msgs, Values::default())
+        self.process_parsed(key, std::slice::from_ref(&input), &msgs, Values::default())
             .await
     }
 
@@ -855,7 +859,7 @@ impl Worker {
     async fn process_parsed(
         &self,
         key: &str,
-        inputs: Vec<Input>,
+        inputs: &[Input],
         msgs: &[Arc<jetstream::Message>],
         parsed: Values,
     ) -> Result<(), Error> {
@@ -880,7 +884,7 @@ impl Worker {
         let work = pin!(
             async {
                 let _serial = lock.lock().await;
-                self.process_locked(key, &inputs, parsed, delivered(msgs))
+                self.process_locked(key, inputs, parsed, delivered(msgs))
                     .await
             }
             .instrument(span)
@@ -940,6 +944,8 @@ impl Worker {
         // the new instance idle, so nothing is called on that assumption; a
         // conflict reads the stored instance and runs the event again.
         let mut assume_new = inputs.len() == 1 && matches!(first_input, Input::Event(_));
+        // The instance's scheduled wake-up is among the inputs.
+        let fired = inputs.contains(&Input::Wake);
         for _ in 0..CAS_ATTEMPTS {
             // Taken out, not copied: the instance lock keeps every other
             // message for this key waiting until it is put back.
@@ -1000,7 +1006,7 @@ impl Worker {
             let new = revision.is_none();
             // The wake-up the broker holds for the instance: none for a new
             // one, nor after the one that is firing now.
-            let scheduled = match (&probed, inputs.contains(&Input::Wake)) {
+            let scheduled = match (&probed, fired) {
                 (None, false) => inst.wake_ms,
                 _ => None,
             };
@@ -1067,7 +1073,7 @@ impl Worker {
                 return Ok(());
             }
             self.observe_steps(machine.take_step_timings(), call_steps);
-            inst.settle_wake(scheduled, inputs.contains(&Input::Wake));
+            inst.settle_wake(scheduled, fired);
             inst.delivered = delivered.clone();
             inst.seal_audits(&self.msg_prefix(key))
                 .map_err(|e| Error::Store(e.to_string()))?;
@@ -1466,11 +1472,7 @@ impl Worker {
         let family = &self.metrics.worker.step_duration;
         let observe = |step: &str, d: Duration| {
             family
-                .get_or_create(&StepLabels {
-                    namespace: self.labels.namespace.clone(),
-                    workflow: self.labels.workflow.clone(),
-                    step: step.to_string(),
-                })
+                .get_or_create(&self.labels.step(step))
                 .observe(d.as_secs_f64());
         };
         for (step, d) in machine {
@@ -1969,7 +1971,7 @@ fn message(msg_id: &str, payload: String, headers: Option<HeaderMap>) -> Publish
 /// Whether `consumer` is gone from the broker (deleted, or its stream):
 /// pulling from it can only fail from now on. Asked only after an error.
 async fn gone(consumer: &jetstream::consumer::PullConsumer) -> bool {
-    match consumer.clone().info().await {
+    match consumer.get_info().await {
         Ok(_) => false,
         Err(e) => matches!(
             e.kind(),

@@ -95,11 +95,9 @@ pub async fn ensure_namespace(js: &jetstream::Context, names: &Names) -> Result<
     let dlq = ensure_stream(js, names.dlq_stream(), names.dlq_wildcard(), false).await?;
     let counts = ensure_kv(js, names.counts_bucket(), 1).await?;
     anchor_audit(&counts, names, &audit).await?;
-    let dedup_window = [&events, &audit, &dlq]
-        .into_iter()
-        .map(dedup_window)
-        .min()
-        .unwrap_or(DUPLICATE_WINDOW);
+    let dedup_window = dedup_window(&events)
+        .min(dedup_window(&audit))
+        .min(dedup_window(&dlq));
     Ok(Namespace {
         events,
         dedup_window,
