@@ -202,9 +202,18 @@ impl std::fmt::Display for ExpressionError {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Expressions this thread has compiled: the engine's tests check that
+    /// running instances evaluates programs and never compiles one.
+    pub(crate) static COMPILED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 /// Parse `source` and check its variables and functions against `scope`.
 /// Returns the compiled program and what it refers to.
 pub fn compile(source: &str, scope: Scope) -> Result<(Parsed, References), ExpressionError> {
+    #[cfg(test)]
+    COMPILED.with(|n| n.set(n.get() + 1));
     if source.trim().is_empty() {
         return Err(ExpressionError("the expression is empty".into()));
     }

@@ -183,6 +183,29 @@ fn matching_quantities_become_one_invoice() {
     assert!(report.is_ok(), "{:?}", report.problems);
 }
 
+/// CEL programs are compiled with their definition revision, once: running
+/// instances through every kind of step, the policy and the routes compiles
+/// nothing more.
+#[test]
+fn instances_evaluate_programs_compiled_once_per_revision() {
+    let compiled_here = || crate::cel::COMPILED.with(|n| n.get());
+    let def = compiled("shipment-to-invoice");
+    let at_load = compiled_here();
+    assert!(
+        at_load > 10,
+        "the example compiles its expressions: {at_load}"
+    );
+    for (i, qty_b) in [5, 3, 9, 5, 0].into_iter().enumerate() {
+        let m = Machine::new(&def, t0());
+        let mut inst = Instance::new(&format!("47{i}"), &def.revision, 0);
+        m.apply(&mut inst, order_created());
+        let next = m.apply(&mut inst, shipment(qty_b));
+        // Matches, an auto-approved and a large variance (policy, case).
+        answer_calls(&m, &mut inst, next);
+    }
+    assert_eq!(compiled_here(), at_load);
+}
+
 #[test]
 fn events_out_of_order_and_twice_give_the_same_result() {
     let def = compiled("shipment-to-invoice");
