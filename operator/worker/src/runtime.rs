@@ -1072,6 +1072,12 @@ impl Worker {
                 // Nothing new: every event was applied before.
                 return Ok(());
             }
+            if !before.running && inputs.iter().all(|i| *i == Input::Wake) {
+                // A wake-up left scheduled for an ended instance (one whose
+                // removal failed or raced a late firing) has nothing to do:
+                // the instance stays as it was stored, unwritten.
+                return Ok(());
+            }
             self.observe_steps(machine.take_step_timings(), call_steps);
             inst.settle_wake(scheduled, fired);
             inst.delivered = delivered.clone();

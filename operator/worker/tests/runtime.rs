@@ -466,6 +466,43 @@ async fn an_sla_breach_is_recorded_and_counted_once() {
     );
 }
 
+/// A wake-up that fires for an ended instance (left scheduled when its
+/// removal failed or raced a late firing) changes nothing and writes
+/// nothing: the stored instance keeps its revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_up_for_an_ended_instance_writes_nothing() {
+    let env = env("shipment-to-invoice").await;
+    let nats = connect(&env.nats.url()).await;
+    let js = async_nats::jetstream::new(nats);
+    seed_order(&env.erp, "DONE", 5, "0.10");
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    publish_order_and_shipment(&js, "DONE", 5).await;
+    wait_status(&run, "DONE", Status::Completed).await;
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let bucket = js.get_key_value(names.instances_bucket()).await.unwrap();
+    let stored = || async {
+        let entry = bucket.entry(tallyman_worker::names::kv_key("DONE")).await;
+        entry.unwrap().expect("stored").revision
+    };
+    let revision = stored().await;
+    let fired = run.worker.stats.timers.load(Ordering::Relaxed);
+    let now = chrono::Utc::now().timestamp_millis();
+    let wake = serde_json::json!({"key": "DONE", "token": "wake", "dueMs": now});
+    js.publish(names.timers_due_subject(), wake.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stats = run.worker.stats.clone();
+    wait_for("the wake-up to be handled", Duration::from_secs(10), || {
+        stats.timers.load(Ordering::Relaxed) > fired
+    })
+    .await;
+    // Shutting down waits for the timer in flight.
+    run.shutdown().await;
+    assert_eq!(stored().await, revision);
+}
+
 /// An SLA armed again by a later commit, after a shorter timer replaced
 /// it and fired, still fires: the wake-up for the same time is a new
 /// schedule, not a duplicate of the first one for the broker to drop.
