@@ -528,3 +528,117 @@ async fn a_credit_note_whose_lookup_gets_no_answer_waits_for_a_person_not_a_seco
     );
     run.shutdown().await;
 }
+
+// --- shipment-to-invoice: calls that time out or give up -------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_call_that_times_out_is_retried_with_the_same_key_and_invoices_once() {
+    let mut env = env("shipment-to-invoice").await;
+    let erp = env.def.connectors.get_mut("erp").unwrap();
+    erp.rest.as_mut().unwrap().timeout = "300ms".parse().unwrap();
+    seed_order(&env.erp, "4711", 5, "0.10");
+    // The ERP answers invoices slower than the worker waits. The sim waits
+    // before its route stores anything: an attempt given up on stores
+    // nothing, or (if the sim still gets to it) is a replay of its key.
+    let slow = Duration::from_millis(600);
+    env.erp.delay("/invoices", slow);
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish_order_and_shipment(&js, "4711", 5).await;
+    // A second attempt arrived: the first one timed out and was retried.
+    wait_for("a retry after a timeout", Duration::from_secs(10), || {
+        env.erp.requests("/invoices") >= 2
+    })
+    .await;
+    env.erp.delay("/invoices", Duration::ZERO);
+    wait_status(&run, "4711", Status::Completed).await;
+    // Any attempt the sim still holds has been answered by now.
+    tokio::time::sleep(slow).await;
+
+    let invoices = env.erp.invoices();
+    assert_eq!(invoices.len(), 1, "one invoice, however many attempts");
+    assert_eq!(invoices[0].idempotency_key.as_deref(), Some("inv-4711"));
+    // The first two attempts were delayed past the timeout; a later one was answered.
+    assert!(env.erp.requests("/invoices") >= 3);
+    let posts: Vec<_> = env
+        .erp
+        .recent_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST" && r.uri == "/invoices")
+        .collect();
+    assert!(
+        posts
+            .iter()
+            .all(|r| r.header("Idempotency-Key") == Some("inv-4711")),
+        "every attempt carries the same key: {posts:?}"
+    );
+    assert_eq!(
+        env.erp.duplicates_prevented(),
+        posts.len() - 1,
+        "every processed attempt after the first was answered from its key"
+    );
+    let succeeded = audit_of(&env.nats.url(), NS, "4711")
+        .await
+        .into_iter()
+        .find(|r| r.kind == AuditKind::CallSucceeded && r.step.as_deref() == Some("invoice"))
+        .expect("the invoice call succeeded");
+    assert!(
+        succeeded.detail["attempts"].as_u64() >= Some(3),
+        "{succeeded:?}"
+    );
+    assert_eq!(wait_emitted(&js, NS, "invoice.created", 1).await.len(), 1);
+    run.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invoice_call_that_runs_out_of_retries_is_dead_lettered_and_opens_a_case() {
+    let mut env = env("shipment-to-invoice").await;
+    let erp = env.def.connectors.get_mut("erp").unwrap();
+    erp.rest.as_mut().unwrap().retry.max_attempts = 3;
+    seed_order(&env.erp, "4712", 5, "0.10");
+    // More failures than attempts (backoff 10 ms to 100 ms, see `env`).
+    env.erp.fail_next("/invoices", 4, 503);
+    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
+    publish_order_and_shipment(&js, "4712", 5).await;
+
+    let cases = kv_cases(&env.nats.url(), NS).await;
+    eventually("a case to open", Duration::from_secs(10), || async {
+        !cases.list().await.unwrap().is_empty()
+    })
+    .await;
+    let opened = cases.list().await.unwrap();
+    assert_eq!(opened.len(), 1, "{opened:?}");
+    assert_eq!(opened[0].spec.reason, "CallFailed");
+    assert_eq!(opened[0].spec.key, "4712");
+    assert_eq!(opened[0].spec.required.groups, ["finance-controllers"]);
+
+    eventually("a dead letter", Duration::from_secs(10), || async {
+        stream_state(&js, NS, "DLQ").await.messages >= 1
+    })
+    .await;
+    assert_eq!(stream_state(&js, NS, "DLQ").await.messages, 1);
+    let dlq = js.get_stream("TALLYMAN_FINANCE_DLQ").await.unwrap();
+    let subject = "tallyman.finance.dlq.shipment-to-invoice";
+    let letter = dlq.get_last_raw_message_by_subject(subject).await.unwrap();
+    let letter: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(letter["workflow"], "shipment-to-invoice");
+    assert_eq!(letter["key"], "4712");
+    assert_eq!(letter["step"], "invoice");
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("3 attempts") && reason.contains("503"),
+        "{reason}"
+    );
+
+    assert_eq!(env.erp.requests("/invoices"), 3, "every attempt, no more");
+    assert_eq!(env.erp.invoice_count(), 0);
+    let inst = run.worker.instance("4712").await.unwrap().unwrap();
+    assert!(
+        matches!(inst.wait, Some(Wait::FailedCall { .. })),
+        "{inst:?}"
+    );
+    let t = trail(&env.nats.url(), "4712").await;
+    assert!(has(&t, AuditKind::DeadLettered, "invoice"), "{t:?}");
+    run.shutdown().await;
+}
