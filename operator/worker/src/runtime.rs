@@ -1003,6 +1003,12 @@ impl Worker {
                     }
                 }
             };
+            if fired && inputs.len() == 1 && !inst.is_running() {
+                // A wake-up left scheduled for an ended instance (its
+                // removal failed, or raced a late firing) has nothing to do:
+                // the instance stays as it was stored, unwritten.
+                return Ok(());
+            }
             let new = revision.is_none();
             // The wake-up the broker holds for the instance: none for a new
             // one, nor after the one that is firing now.
@@ -1070,12 +1076,6 @@ impl Worker {
             }
             if applied == 0 {
                 // Nothing new: every event was applied before.
-                return Ok(());
-            }
-            if !before.running && inputs.iter().all(|i| *i == Input::Wake) {
-                // A wake-up left scheduled for an ended instance (one whose
-                // removal failed or raced a late firing) has nothing to do:
-                // the instance stays as it was stored, unwritten.
                 return Ok(());
             }
             self.observe_steps(machine.take_step_timings(), call_steps);

@@ -475,7 +475,7 @@ async fn a_wake_up_for_an_ended_instance_writes_nothing() {
     let nats = connect(&env.nats.url()).await;
     let js = async_nats::jetstream::new(nats);
     seed_order(&env.erp, "DONE", 5, "0.10");
-    let run = start(&env.nats.url(), &env.def, &env.secrets, &env.erp.base_url()).await;
+    let (run, metrics) = start_measured(&env, &env.def).await;
     publish_order_and_shipment(&js, "DONE", 5).await;
     wait_status(&run, "DONE", Status::Completed).await;
     let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
@@ -501,6 +501,10 @@ async fn a_wake_up_for_an_ended_instance_writes_nothing() {
     // Shutting down waits for the timer in flight.
     run.shutdown().await;
     assert_eq!(stored().await, revision);
+    // Handled, not handed back for another try.
+    let labels = tallyman_telemetry::WorkflowLabels::new(NS, "shipment-to-invoice");
+    let retried = metrics.worker.messages_retried.get_or_create(&labels).get();
+    assert_eq!(retried, 0);
 }
 
 /// An SLA armed again by a later commit, after a shorter timer replaced

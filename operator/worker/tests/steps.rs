@@ -602,25 +602,22 @@ async fn an_invoice_call_that_runs_out_of_retries_is_dead_lettered_and_opens_a_c
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     publish_order_and_shipment(&js, "4712", 5).await;
 
-    let cases = kv_cases(&env.nats.url(), NS).await;
-    eventually("a case to open", Duration::from_secs(10), || async {
-        !cases.list().await.unwrap().is_empty()
-    })
-    .await;
-    let opened = cases.list().await.unwrap();
-    assert_eq!(opened.len(), 1, "{opened:?}");
-    assert_eq!(opened[0].spec.reason, "CallFailed");
-    assert_eq!(opened[0].spec.key, "4712");
-    assert_eq!(opened[0].spec.required.groups, ["finance-controllers"]);
+    let case = case_for(&run, "4712").await;
+    assert_eq!(case.spec.reason, "CallFailed");
+    assert_eq!(case.spec.required.groups, ["finance-controllers"]);
+    assert_eq!(run.worker.cases().list().await.unwrap().len(), 1);
 
     eventually("a dead letter", Duration::from_secs(10), || async {
         stream_state(&js, NS, "DLQ").await.messages >= 1
     })
     .await;
     assert_eq!(stream_state(&js, NS, "DLQ").await.messages, 1);
-    let dlq = js.get_stream("TALLYMAN_FINANCE_DLQ").await.unwrap();
-    let subject = "tallyman.finance.dlq.shipment-to-invoice";
-    let letter = dlq.get_last_raw_message_by_subject(subject).await.unwrap();
+    let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
+    let dlq = js.get_stream(names.dlq_stream()).await.unwrap();
+    let letter = dlq
+        .get_last_raw_message_by_subject(&names.dlq_subject())
+        .await
+        .unwrap();
     let letter: serde_json::Value = serde_json::from_slice(&letter.payload).unwrap();
     assert_eq!(letter["workflow"], "shipment-to-invoice");
     assert_eq!(letter["key"], "4712");

@@ -184,8 +184,8 @@ fn matching_quantities_become_one_invoice() {
 }
 
 /// CEL programs are compiled with their definition revision, once: running
-/// instances through every kind of step, the policy and the routes compiles
-/// nothing more.
+/// instances through the example's steps (await, calls, sets, the check),
+/// the policy and a case compiles nothing more.
 #[test]
 fn instances_evaluate_programs_compiled_once_per_revision() {
     let compiled_here = || crate::cel::COMPILED.with(|n| n.get());
