@@ -1159,7 +1159,8 @@ async fn events_too_large_together_are_applied_one_by_one() {
 
 /// An order and a shipment for `BIG`, 600 kB each: too large to store
 /// together, not alone. Published before the worker starts (the streams
-/// set up here), so they arrive in one batch.
+/// set up here), so they mostly arrive in one batch; on a busy machine the
+/// second can still be on its way when the first is taken.
 async fn publish_big_order_and_shipment(js: &async_nats::jetstream::Context) {
     let names = tallyman_worker::names::Names::new(NS, "shipment-to-invoice");
     tallyman_worker::setup::ensure_namespace(js, &names)
@@ -1213,11 +1214,11 @@ async fn events_waiting_their_turn_one_by_one_are_kept_alive() {
         2,
         "each event delivered once"
     );
-    assert_eq!(
-        env.erp.requests("/orders"),
-        2,
-        "together, then the order alone"
-    );
+    // 2: in one batch, together and then the order alone. 1: the shipment
+    // came a moment later (600 kB each) and waited for the order's lock,
+    // behind a call longer than the ack wait just the same.
+    let calls = env.erp.requests("/orders");
+    assert!(calls == 1 || calls == 2, "{calls} calls");
     let stored = run
         .worker
         .instance("BIG")
