@@ -1540,6 +1540,8 @@ impl Worker {
                 (subject, message(&msg_id, payload, headers))
             };
         let mut messages = Vec::with_capacity(4);
+        // The schedule to remove, once the messages are on their way.
+        let mut cancel = None;
         if let Some(batch) = &inst.audit_batch {
             let payload = Bytes::copy_from_slice(batch.records.get().as_bytes());
             messages.push((
@@ -1600,12 +1602,7 @@ impl Worker {
                     messages.push(self.timer_message(&timer, &prefix, &msg_id)?);
                 }
                 Outbound::CancelWake => {
-                    // A schedule left behind only fires into a no-op later:
-                    // a failure here loses nothing.
-                    let subject = self.names.timer_schedule_subject(&short_id(&prefix));
-                    if let Err(e) = self.handles.timers_stream.purge().filter(&subject).await {
-                        warn!(key = %inst.key, error = %e, "failed to remove a wake-up nobody needs");
-                    }
+                    cancel = Some(self.names.timer_schedule_subject(&short_id(&prefix)));
                 }
                 Outbound::OpenCase(req) => {
                     self.cases.open(req, now).await?;
@@ -1627,10 +1624,23 @@ impl Worker {
                     .map_err(|e| Error::Publish(e.to_string()))?,
             );
         }
-        for ack in acks {
-            ack.await.map_err(|e| Error::Publish(e.to_string()))?;
-        }
-        Ok(())
+        // Removing a schedule is a request to the broker's API, slower than
+        // a publish under load: it runs while the publishes are acknowledged,
+        // not before them. A schedule left behind only fires into nothing
+        // later (an ended instance is not written): a failure loses nothing.
+        let removed = async {
+            let Some(subject) = cancel else { return };
+            if let Err(e) = self.handles.timers_stream.purge().filter(&subject).await {
+                warn!(key = %inst.key, error = %e, "failed to remove a wake-up nobody needs");
+            }
+        };
+        let acked = async {
+            for ack in acks {
+                ack.await.map_err(|e| Error::Publish(e.to_string()))?;
+            }
+            Ok(())
+        };
+        tokio::join!(removed, acked).1
     }
 
     /// The start of every message id of instance `key`.
