@@ -11,9 +11,12 @@
 //! succeeded. A replica killed between that and its next flush loses up to
 //! a second of counts (the instances are not lost, only counted short), so the
 //! numbers are for operating, not for accounting; the audit stream is
-//! exact. An addition whose reply is lost is tried again under its id, which
-//! the broker deduplicates for two minutes: not counted twice.
+//! exact. An addition whose reply is lost is tried again under its id: the
+//! stored counts keep each writer's last addition (for a day), so a repeat
+//! is not counted twice however late it comes, and the broker drops one
+//! within two minutes before it is even read.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
 use async_nats::jetstream::{self, context::PublishErrorKind, kv, message::PublishMessage};
@@ -81,11 +84,53 @@ impl Counts {
 
 const ATTEMPTS: usize = 32;
 
+/// How long the counts remember a writer's last addition: a repeat later
+/// than that (a replica cut off from the broker for a day) counts again.
+const WRITER_KEPT_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// The stored entry: the totals, and each writer's last addition.
+#[derive(Default, Serialize, Deserialize)]
+struct Stored {
+    #[serde(flatten)]
+    counts: Counts,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    writers: BTreeMap<String, Added>,
+}
+
+/// A writer's last addition: its number, and when it was stored.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Added {
+    seq: u64,
+    at_ms: i64,
+}
+
+impl Stored {
+    /// Add `delta` as addition `seq` of `writer`, made at `now_ms`, and
+    /// forget writers not heard from for [`WRITER_KEPT_MS`]. False, and
+    /// nothing changed, when that addition is in already.
+    fn add(&mut self, delta: &Counts, writer: &str, seq: u64, now_ms: i64) -> bool {
+        if self.writers.get(writer).is_some_and(|a| a.seq >= seq) {
+            return false;
+        }
+        self.writers
+            .retain(|w, a| w == writer || now_ms - a.at_ms < WRITER_KEPT_MS);
+        self.writers
+            .insert(writer.to_string(), Added { seq, at_ms: now_ms });
+        self.counts = self.counts.plus(delta);
+        true
+    }
+}
+
+fn parse(workflow: &str, value: &[u8]) -> Result<Stored, Error> {
+    serde_json::from_slice(value)
+        .map_err(|e| Error::Store(format!("the counts of {workflow} are not readable: {e}")))
+}
+
 /// The stored totals of `workflow` (zero when none were stored yet).
 pub async fn read(store: &kv::Store, workflow: &str) -> Result<Counts, Error> {
     match store.entry(workflow).await {
-        Ok(Some(e)) if e.operation == kv::Operation::Put => serde_json::from_slice(&e.value)
-            .map_err(|e| Error::Store(format!("the counts of {workflow} are not readable: {e}"))),
+        Ok(Some(e)) if e.operation == kv::Operation::Put => Ok(parse(workflow, &e.value)?.counts),
         Ok(_) => Ok(Counts::default()),
         Err(e) => Err(Error::Store(format!(
             "failed to read the counts of {workflow}: {e}"
@@ -93,18 +138,21 @@ pub async fn read(store: &kv::Store, workflow: &str) -> Result<Counts, Error> {
     }
 }
 
-/// Add `delta` to `workflow`'s counts, once: `id` names this addition, and
-/// the broker drops a second write with the same `Nats-Msg-Id` within the
-/// bucket's duplicate window (two minutes). An addition whose reply was
-/// lost, tried again under its id, is not counted twice. Returns the
-/// totals after it.
+/// Add `delta` to `workflow`'s counts, once: addition `seq` of `writer`
+/// (numbered from 1). Tried again after a lost reply, it is not counted
+/// twice: the broker drops a second write with the same `Nats-Msg-Id`
+/// within the bucket's duplicate window (two minutes), and later the
+/// stored entry's record of the writer's last addition says it is in.
+/// Returns the totals after it.
 pub async fn add(
     js: &jetstream::Context,
     store: &kv::Store,
     workflow: &str,
     delta: &Counts,
-    id: &str,
+    writer: &str,
+    seq: u64,
 ) -> Result<Counts, Error> {
+    let id = format!("counts/{workflow}/{writer}/{seq}");
     // What kv::Store::update publishes, with the message id besides.
     let subject = format!(
         "{}{workflow}",
@@ -115,21 +163,22 @@ pub async fn add(
             .entry(workflow)
             .await
             .map_err(|e| Error::Store(format!("failed to read the counts of {workflow}: {e}")))?;
-        let (current, revision) = match &entry {
-            Some(e) if e.operation == kv::Operation::Put => (
-                serde_json::from_slice::<Counts>(&e.value).map_err(|e| {
-                    Error::Store(format!("the counts of {workflow} are not readable: {e}"))
-                })?,
-                e.revision,
-            ),
+        let (mut stored, revision) = match &entry {
+            Some(e) if e.operation == kv::Operation::Put => {
+                (parse(workflow, &e.value)?, e.revision)
+            }
             // No entry (or a deleted one): expect the one read, or none.
-            Some(e) => (Counts::default(), e.revision),
-            None => (Counts::default(), 0),
+            Some(e) => (Stored::default(), e.revision),
+            None => (Stored::default(), 0),
         };
-        let next = current.plus(delta);
-        let bytes = Bytes::from(serde_json::to_vec(&next).expect("counts serialize"));
+        let current = stored.counts;
+        if !stored.add(delta, writer, seq, chrono::Utc::now().timestamp_millis()) {
+            // Added before, its reply lost: `current` has it already.
+            return Ok(current);
+        }
+        let bytes = Bytes::from(serde_json::to_vec(&stored).expect("counts serialize"));
         let publish = PublishMessage::build()
-            .message_id(id)
+            .message_id(&id)
             .expected_last_subject_sequence(revision)
             .payload(bytes);
         let acked = match js.send_publish(subject.clone(), publish).await {
@@ -139,7 +188,7 @@ pub async fn add(
         match acked {
             // Added before, its reply lost: `current` has it already.
             Ok(ack) if ack.duplicate => return Ok(current),
-            Ok(_) => return Ok(next),
+            Ok(_) => return Ok(stored.counts),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
             Err(e) => {
                 return Err(Error::Store(format!(
@@ -182,5 +231,35 @@ mod tests {
         );
         assert!(c.since(&c).is_zero());
         assert_eq!(c.plus(&later.since(&c)), later);
+    }
+
+    #[test]
+    fn a_writers_addition_counts_once_and_old_writers_are_forgotten() {
+        let one = Counts {
+            started: 1,
+            ..Counts::default()
+        };
+        let mut stored = Stored::default();
+        let day = WRITER_KEPT_MS;
+        assert!(stored.add(&one, "a", 1, 0));
+        assert!(stored.add(&one, "b", 1, 10));
+        assert!(!stored.add(&one, "a", 1, day), "a repeat, however late");
+        assert_eq!(stored.counts.started, 2);
+        // A day after b's last addition, a's next one forgets b.
+        assert!(stored.add(&one, "a", 2, day + 10));
+        assert_eq!(stored.writers.keys().collect::<Vec<_>>(), ["a"]);
+        assert_eq!(stored.counts.started, 3);
+        // What older workers wrote (no writers) reads, and what this one
+        // writes reads as counts for them.
+        let old: Stored = serde_json::from_str(
+            r#"{"started":4,"completed":1,"rejected":0,"failed":0,"exceptions":0}"#,
+        )
+        .unwrap();
+        assert!(old.writers.is_empty());
+        let text = serde_json::to_string(&stored).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Counts>(&text).unwrap(),
+            stored.counts
+        );
     }
 }

@@ -204,9 +204,9 @@ const CAS_ATTEMPTS: usize = 32;
 /// What of a worker's counts is in the shared counters.
 struct Flushed {
     done: Counts,
-    /// An addition (its id, and the counts it brings `done` to) that failed
-    /// in a way that leaves open whether it was stored.
-    pending: Option<(String, Counts)>,
+    /// An addition (its number, and the counts it brings `done` to) that
+    /// failed in a way that leaves open whether it was stored.
+    pending: Option<(u64, Counts)>,
     /// This worker among every writer of the counters: a process and a
     /// moment, and which Worker of the process.
     writer: String,
@@ -232,10 +232,10 @@ impl Flushed {
         }
     }
 
-    /// The id of the next addition to `workflow`'s counters.
-    fn next_id(&mut self, workflow: &str) -> String {
+    /// The number of the next addition to the counters.
+    fn next_seq(&mut self) -> u64 {
         self.seq += 1;
-        format!("counts/{workflow}/{}/{}", self.writer, self.seq)
+        self.seq
     }
 }
 
@@ -525,8 +525,7 @@ impl Worker {
         let mut total = self.add_pending(&mut flushed).await?;
         let now = Counts::of(&self.stats);
         if now != flushed.done {
-            let id = flushed.next_id(&self.names.workflow);
-            flushed.pending = Some((id, now));
+            flushed.pending = Some((flushed.next_seq(), now));
             total = self.add_pending(&mut flushed).await?;
         }
         Ok(total)
@@ -535,12 +534,12 @@ impl Worker {
     /// Add the pending addition of `flushed`, under its id; the totals
     /// after it, or `None` when none is pending. Failed, it stays pending.
     async fn add_pending(&self, flushed: &mut Flushed) -> Result<Option<Counts>, Error> {
-        let Some((id, upto)) = flushed.pending.clone() else {
+        let Some((seq, upto)) = flushed.pending else {
             return Ok(None);
         };
         let delta = upto.since(&flushed.done);
-        let wf = &self.names.workflow;
-        let total = counts::add(self.js(), &self.handles.counts, wf, &delta, &id).await?;
+        let (wf, writer) = (&self.names.workflow, &flushed.writer);
+        let total = counts::add(self.js(), &self.handles.counts, wf, &delta, writer, seq).await?;
         flushed.done = upto;
         flushed.pending = None;
         Ok(Some(total))

@@ -1375,7 +1375,8 @@ async fn an_event_that_cannot_be_processed_is_counted_each_time_it_is_handed_bac
 /// An addition to the shared counts whose reply was lost is tried again
 /// under the same id, against whatever the counts are by then: the broker
 /// drops the repeat, so it is counted once, and the totals returned
-/// include it.
+/// include it. Tried again after the broker's duplicate window, the stored
+/// record of the writer's last addition keeps it from counting twice.
 #[tokio::test]
 async fn an_addition_to_the_counts_tried_again_is_counted_once() {
     use tallyman_worker::counts::{self, Counts};
@@ -1393,7 +1394,7 @@ async fn an_addition_to_the_counts_tried_again_is_counted_once() {
     };
     let wf = "shipment-to-invoice";
     assert_eq!(
-        counts::add(&js, &store, wf, &two, "a/1").await.unwrap(),
+        counts::add(&js, &store, wf, &two, "a", 1).await.unwrap(),
         two
     );
     // Another replica adds meanwhile.
@@ -1403,18 +1404,33 @@ async fn an_addition_to_the_counts_tried_again_is_counted_once() {
     };
     let three = two.plus(&one);
     assert_eq!(
-        counts::add(&js, &store, wf, &one, "b/1").await.unwrap(),
+        counts::add(&js, &store, wf, &one, "b", 1).await.unwrap(),
         three
     );
     // The first one again: its reply was lost.
     assert_eq!(
-        counts::add(&js, &store, wf, &two, "a/1").await.unwrap(),
+        counts::add(&js, &store, wf, &two, "a", 1).await.unwrap(),
+        three
+    );
+    assert_eq!(counts::read(&store, wf).await.unwrap(), three);
+    // Again, after the broker has forgotten its id (a window of 100 ms
+    // here instead of two minutes).
+    let mut bucket = js
+        .get_stream(format!("KV_{}", names.counts_bucket()))
+        .await
+        .unwrap();
+    let mut config = bucket.info().await.unwrap().config.clone();
+    config.duplicate_window = Duration::from_millis(100);
+    js.update_stream(config).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counts::add(&js, &store, wf, &two, "a", 1).await.unwrap(),
         three
     );
     assert_eq!(counts::read(&store, wf).await.unwrap(), three);
     // The next addition of that replica counts.
     assert_eq!(
-        counts::add(&js, &store, wf, &two, "a/2").await.unwrap(),
+        counts::add(&js, &store, wf, &two, "a", 2).await.unwrap(),
         three.plus(&two)
     );
 }
