@@ -331,3 +331,46 @@ async fn a_refusing_token_endpoint_is_an_auth_error_without_calling_the_api() {
     );
     assert_eq!(api.count(), 0);
 }
+
+/// A call waits for its rate-limit slot before it takes a token: a token
+/// taken first could expire while the call waits, and the call would be
+/// refused once and sent again.
+#[tokio::test]
+async fn an_oauth2_token_is_taken_after_the_rate_limit_wait() {
+    const LIFETIME: Duration = Duration::from_secs(2);
+    // When each token was issued: token-n at `issued[n - 1]`.
+    let issued = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let endpoint = token_endpoint(LIFETIME.as_secs());
+    let times = issued.clone();
+    let idp = serve(move |r| {
+        times.lock().unwrap().push(std::time::Instant::now());
+        endpoint(r)
+    })
+    .await;
+    // The API refuses a token older than its lifetime.
+    let times = issued.clone();
+    let api = serve(ok_when(move |r| {
+        let n = r
+            .header("authorization")
+            .and_then(|h| h.strip_prefix("Bearer token-"))
+            .and_then(|n| n.parse::<usize>().ok());
+        let times = times.lock().unwrap();
+        n.and_then(|n| times.get(n - 1))
+            .is_some_and(|at| at.elapsed() < LIFETIME)
+    }))
+    .await;
+    let mut spec = oauth2_spec(&api.url(), &idp.url());
+    spec.rate_limit = serde_json::from_value(json!({"requestsPerSecond": 1, "burst": 1})).unwrap();
+    let client = RestClient::new("erp", &spec, &oauth2_secrets()).unwrap();
+
+    // Four calls at once: sent a second apart, the last after 3 s.
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        calls.spawn(async move { client.call(&get_order(), &|_, _| {}).await });
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.unwrap().unwrap().status, 200);
+    }
+    assert_eq!(api.count(), 4, "no call refused for a stale token");
+}
