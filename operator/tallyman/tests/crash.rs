@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use async_nats::jetstream;
+use futures_util::StreamExt;
 use support::*;
 use tallyman_testing::erp::SimErp;
 use tallyman_testing::nats::NatsServer;
@@ -118,4 +119,130 @@ async fn a_worker_whose_consumer_is_deleted_exits_and_its_successor_finishes() {
     publish_orders(&js, &erp, 20).await;
     wait_all_completed(&js, 20, Duration::from_secs(60)).await;
     assert_one_invoice_per_order(&erp, 20);
+}
+
+/// Timers live in the broker: orders whose shipment never comes, their
+/// worker killed with SIGKILL while they wait, time out when due and take
+/// their `onTimeout` route on the next worker, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn await_timeouts_fire_after_their_worker_was_killed() {
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    // The example, waiting 3 s for both events instead of a day.
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(examples()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let text = text.replace("timeout: 24h", "timeout: 3s");
+            std::fs::write(dir.path().join(path.file_name().unwrap()), text).unwrap();
+        }
+    }
+    let n = 50;
+    let first = WorkerProcess::start_from(
+        worker_command_from(&nats.url(), dir.path()),
+        &erp.base_url(),
+        &[],
+    );
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    publish_events(&js, &erp, n, &["order.created"]).await;
+    // Every order waits for its shipment, its timeout scheduled.
+    let started = std::time::Instant::now();
+    while running(&js, n).await < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "orders not stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill();
+    let fired = emitted_so_far(&js, "order.unmatched").await;
+    assert!(fired < n, "the kill came too late to test anything");
+    // Due while no worker runs.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _second = WorkerProcess::start_from(
+        worker_command_from(&nats.url(), dir.path()),
+        &erp.base_url(),
+        &[],
+    );
+    let unmatched = wait_emitted(&js, "order.unmatched", n, Duration::from_secs(60)).await;
+    assert_eq!(unmatched.len(), n, "no timeout fired twice");
+    let mut orders: Vec<String> = unmatched
+        .iter()
+        .map(|e| e["data"]["orderId"].as_str().unwrap().to_string())
+        .collect();
+    orders.sort();
+    orders.dedup();
+    assert_eq!(orders.len(), n, "each order timed out once");
+    assert_eq!(erp.requests("/orders"), 0, "nothing called");
+    assert_eq!(erp.invoice_count(), 0);
+}
+
+/// Instances stored as running (waiting).
+async fn running(js: &jetstream::Context, n: usize) -> usize {
+    let kv = js
+        .get_key_value(format!("tallyman_{NS}_{WF}"))
+        .await
+        .unwrap();
+    let mut running = 0;
+    for i in 0..n {
+        if let Ok(Some(bytes)) = kv.get(format!("ORD-{i}")).await {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            running += usize::from(v["status"] == "Running");
+        }
+    }
+    running
+}
+
+/// An ordered consumer of the events of type `ty`, from the first.
+async fn events_of(
+    js: &jetstream::Context,
+    ty: &str,
+) -> jetstream::consumer::Consumer<jetstream::consumer::pull::OrderedConfig> {
+    js.get_stream(format!("TALLYMAN_{}_EVENTS", NS.to_uppercase()))
+        .await
+        .unwrap()
+        .create_consumer(jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("tallyman.{NS}.events.{ty}"),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+}
+
+/// How many events of type `ty` the events stream holds.
+async fn emitted_so_far(js: &jetstream::Context, ty: &str) -> usize {
+    events_of(js, ty).await.cached_info().num_pending as usize
+}
+
+/// The events of type `ty` on the events stream once there are at least
+/// `n` (and a second more for any copy), waiting up to `limit`.
+async fn wait_emitted(
+    js: &jetstream::Context,
+    ty: &str,
+    n: usize,
+    limit: Duration,
+) -> Vec<serde_json::Value> {
+    let started = std::time::Instant::now();
+    loop {
+        let pending = emitted_so_far(js, ty).await;
+        if pending >= n {
+            break;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{pending} of {n} {ty} events after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A second copy of one would arrive within moments.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let consumer = events_of(js, ty).await;
+    let all = consumer.cached_info().num_pending as usize;
+    let mut messages = consumer.messages().await.unwrap().take(all);
+    let mut events = Vec::new();
+    while let Some(msg) = messages.next().await {
+        events.push(serde_json::from_slice(&msg.unwrap().payload).unwrap());
+    }
+    events
 }

@@ -23,6 +23,11 @@ pub fn examples() -> std::path::PathBuf {
 /// `tallyman worker` on the example's Workflow against `nats`, from the
 /// manifests; the caller adds where it listens and the rest.
 pub fn worker_command(nats: &str) -> Command {
+    worker_command_from(nats, &examples())
+}
+
+/// [`worker_command`] from the manifests in `dir`.
+pub fn worker_command_from(nats: &str, dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tallyman"));
     cmd.args([
         "worker",
@@ -34,7 +39,7 @@ pub fn worker_command(nats: &str) -> Command {
         WF,
     ])
     .arg("--manifests")
-    .arg(examples());
+    .arg(dir);
     cmd
 }
 
@@ -61,7 +66,13 @@ impl WorkerProcess {
 
     /// [`WorkerProcess::start`] with more environment variables.
     pub fn start_with(nats: &str, erp: &str, env: &[(&str, &Path)]) -> Self {
-        let child = worker_command(nats)
+        Self::start_from(worker_command(nats), erp, env)
+    }
+
+    /// A worker from `command` ([`worker_command`] or
+    /// [`worker_command_from`]), set up as [`WorkerProcess::start`] does.
+    pub fn start_from(mut command: Command, erp: &str, env: &[(&str, &Path)]) -> Self {
+        let child = command
             .args(["--listen", "127.0.0.1:0"])
             .args([
                 "--connector-url",
