@@ -178,6 +178,82 @@ async fn await_timeouts_fire_after_their_worker_was_killed() {
     assert_eq!(erp.invoice_count(), 0);
 }
 
+/// A variance waiting for a person: the worker is killed with SIGKILL,
+/// the controller approves while no worker runs, and the next worker
+/// resumes each instance and invoices what shipped, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_given_after_their_worker_was_killed_resume_on_the_next() {
+    use tallyman_api::v1alpha1::{CaseDecision, Verdict};
+    use tallyman_testing::erp::OrderLine;
+    let nats = NatsServer::start();
+    let erp = SimErp::start().await;
+    let n = 10;
+    // Ordered 9 x B at 250.00, shipped 5: 1 000.00 short, for a person.
+    for i in 0..n {
+        let mut order = tallyman_testing::orders::order(i);
+        order.lines[1] = OrderLine::new("B", 9, "250.00");
+        erp.seed_order(order);
+    }
+    let first = WorkerProcess::start(&nats.url(), &erp.base_url());
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    publish_events_only(&js, n, &["order.created", "shipment.confirmed"]).await;
+    let cases = loop {
+        if let Ok(store) = js.get_key_value(format!("tallyman_{NS}_cases")).await {
+            break tallyman_worker::cases::KvCases::new(store, NS);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let started = std::time::Instant::now();
+    let open = loop {
+        let open = cases.list().await.unwrap();
+        if open.len() == n {
+            break open;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{} cases",
+            open.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    first.kill();
+    assert_eq!(erp.invoice_count(), 0, "nothing invoiced before approval");
+    for case in &open {
+        let approve = CaseDecision {
+            approver: "alice".into(),
+            groups: vec!["finance-controllers".into()],
+            decision: Verdict::Approve,
+            comment: None,
+        };
+        cases
+            .decide(&case.name, approve, chrono::Utc::now())
+            .await
+            .unwrap();
+    }
+    let _second = WorkerProcess::start(&nats.url(), &erp.base_url());
+    let started = std::time::Instant::now();
+    while erp.invoice_count() < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{} invoices",
+            erp.invoice_count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A second copy of one would come within moments.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let invoices = erp.invoices();
+    assert_eq!(invoices.len(), n, "one invoice per order");
+    let mut orders: Vec<_> = invoices.iter().map(|i| i.str_field("orderId")).collect();
+    orders.sort();
+    orders.dedup();
+    assert_eq!(orders.len(), n, "every order invoiced");
+    for invoice in &invoices {
+        // What shipped: 2 x 19.99 + 5 x 250.00.
+        assert_eq!(invoice.field("netAmount"), Some("1289.98"));
+    }
+}
+
 /// Instances stored as running (waiting).
 async fn running(js: &jetstream::Context, n: usize) -> usize {
     let kv = js

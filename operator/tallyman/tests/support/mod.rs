@@ -145,6 +145,13 @@ pub async fn publish_orders(js: &jetstream::Context, erp: &SimErp, n: usize) {
 pub async fn publish_events(js: &jetstream::Context, erp: &SimErp, n: usize, types: &[&str]) {
     for i in 0..n {
         erp.seed_order(orders::order(i));
+    }
+    publish_events_only(js, n, types).await;
+}
+
+/// [`publish_events`] without seeding the ERP: the test seeds its own orders.
+pub async fn publish_events_only(js: &jetstream::Context, n: usize, types: &[&str]) {
+    for i in 0..n {
         for (ty, id, payload) in orders::events(i, "test") {
             if !types.contains(&ty) {
                 continue;
