@@ -231,15 +231,7 @@ async fn approvals_given_after_their_worker_was_killed_resume_on_the_next() {
             .unwrap();
     }
     let _second = WorkerProcess::start(&nats.url(), &erp.base_url());
-    let started = std::time::Instant::now();
-    while erp.invoice_count() < n {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "{} invoices",
-            erp.invoice_count()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_invoices(&erp, n).await;
     // A second copy of one would come within moments.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let invoices = erp.invoices();
