@@ -265,7 +265,8 @@ async fn deletion_runs_the_finalizer() {
             completed: 3,
             ..Default::default()
         },
-        "counts/test/1",
+        "test",
+        1,
     )
     .await
     .unwrap();
