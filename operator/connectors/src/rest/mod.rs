@@ -395,17 +395,13 @@ impl RestClient {
         }
     }
 
-    /// One attempt: rate limit, credential, exchange. Returns the serial of
-    /// the OAuth2 token used, if any. The credential comes after the wait
-    /// for the rate limit, so a token cannot expire while the call waits.
+    /// One attempt: credential, rate limit, exchange. Returns the serial of
+    /// the OAuth2 token used, if any.
     async fn attempt(
         &self,
         mut req: Request<Full<Bytes>>,
     ) -> Result<(Exchange, Option<TokenSerial>), Failure> {
         let inner = &*self.inner;
-        if let Some(limiter) = &inner.limiter {
-            limiter.acquire().await;
-        }
         let serial = match &inner.auth {
             Auth::None => None,
             Auth::Header(name, value) => {
@@ -427,6 +423,9 @@ impl RestClient {
                 Some(serial)
             }
         };
+        if let Some(limiter) = &inner.limiter {
+            limiter.acquire().await;
+        }
         match exchange(&inner.http, req, inner.timeout).await {
             Ok(answer) => Ok((answer, serial)),
             Err(ExchangeError::Transient(reason)) => Err(Failure::Retry {
