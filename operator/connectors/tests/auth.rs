@@ -331,3 +331,42 @@ async fn a_refusing_token_endpoint_is_an_auth_error_without_calling_the_api() {
     );
     assert_eq!(api.count(), 0);
 }
+
+/// Calls that wait for a token being fetched still go out at the rate
+/// limit's pace once it comes: the token is taken before the wait for a
+/// slot, so the calls do not hold slots while the token endpoint is slow
+/// and then all go at once.
+#[tokio::test]
+async fn calls_behind_a_slow_token_fetch_keep_the_rate_limit() {
+    let slow = token_endpoint(3600);
+    let idp = serve(move |r| slow(r).after(Duration::from_millis(1500))).await;
+    let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let times = sent.clone();
+    let accept = api_accepting(tokens(&["token-1"]));
+    let api = serve(move |r| {
+        times.lock().unwrap().push(std::time::Instant::now());
+        accept(r)
+    })
+    .await;
+    let mut spec = oauth2_spec(&api.url(), &idp.url());
+    spec.rate_limit = serde_json::from_value(json!({"requestsPerSecond": 2, "burst": 1})).unwrap();
+    let client = RestClient::new("erp", &spec, &oauth2_secrets()).unwrap();
+
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        calls.spawn(async move { client.call(&get_order(), &|_, _| {}).await });
+    }
+    while let Some(result) = calls.join_next().await {
+        assert_eq!(result.unwrap().unwrap().status, 200);
+    }
+    let sent = sent.lock().unwrap();
+    assert_eq!(sent.len(), 4);
+    for pair in sent.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(400),
+            "two calls {gap:?} apart at 2/s"
+        );
+    }
+}

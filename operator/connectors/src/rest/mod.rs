@@ -396,7 +396,10 @@ impl RestClient {
     }
 
     /// One attempt: credential, rate limit, exchange. Returns the serial of
-    /// the OAuth2 token used, if any.
+    /// the OAuth2 token used, if any. The credential comes first: calls
+    /// waiting for a slow token fetch hold no slot, so they keep the rate
+    /// limit's pace once it comes. (A token that expires during a longer
+    /// wait than its refresh margin is refused once and fetched again.)
     async fn attempt(
         &self,
         mut req: Request<Full<Bytes>>,
