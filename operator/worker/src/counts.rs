@@ -88,6 +88,10 @@ const ATTEMPTS: usize = 32;
 /// than that (a replica cut off from the broker for a day) counts again.
 const WRITER_KEPT_MS: i64 = 24 * 60 * 60 * 1000;
 
+/// The most writers remembered (the latest): a fleet restarting in a loop
+/// does not grow the entry without bound within the day.
+const WRITERS_KEPT: usize = 256;
+
 /// The stored entry: the totals, and each writer's last addition.
 #[derive(Default, Serialize, Deserialize)]
 struct Stored {
@@ -117,6 +121,15 @@ impl Stored {
             .retain(|w, a| w == writer || now_ms - a.at_ms < WRITER_KEPT_MS);
         self.writers
             .insert(writer.to_string(), Added { seq, at_ms: now_ms });
+        while self.writers.len() > WRITERS_KEPT {
+            let oldest = self
+                .writers
+                .iter()
+                .min_by_key(|(_, a)| a.at_ms)
+                .map(|(w, _)| w.clone())
+                .expect("not empty");
+            self.writers.remove(&oldest);
+        }
         self.counts = self.counts.plus(delta);
         true
     }
@@ -186,7 +199,10 @@ pub async fn add(
             Err(e) => Err(e),
         };
         match acked {
-            // Added before, its reply lost: `current` has it already.
+            // The broker dropped it as a repeat within its window: the
+            // first write is in (its record lost to an older worker's
+            // write) or still on its way, so `current` may be short of it
+            // until the next flush.
             Ok(ack) if ack.duplicate => return Ok(current),
             Ok(_) => return Ok(stored.counts),
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => continue,
@@ -249,6 +265,17 @@ mod tests {
         assert!(stored.add(&one, "a", 2, day + 10));
         assert_eq!(stored.writers.keys().collect::<Vec<_>>(), ["a"]);
         assert_eq!(stored.counts.started, 3);
+        // Within the day, only the latest writers are kept.
+        for w in 0..WRITERS_KEPT + 5 {
+            assert!(stored.add(&one, &format!("w{w:03}"), 1, day + 20 + w as i64));
+        }
+        assert_eq!(stored.writers.len(), WRITERS_KEPT);
+        assert!(!stored.writers.contains_key("a") && !stored.writers.contains_key("w000"));
+        assert!(
+            stored
+                .writers
+                .contains_key(&format!("w{:03}", WRITERS_KEPT + 4))
+        );
         // What older workers wrote (no writers) reads, and what this one
         // writes reads as counts for them.
         let old: Stored = serde_json::from_str(

@@ -1520,12 +1520,11 @@ impl Worker {
         Ok(compiled)
     }
 
-    /// Publish what a stored state asks for. Every item has a deterministic
-    /// message id, so publishing again after a crash is deduplicated. The
-    /// audit records of one commit travel in one message (a JSON array, in
-    /// chain order): one stored write instead of one per record.
-    /// Publish the outbox of the commit stored as `revision` (again, after
-    /// a crash: the ids make the repeat a duplicate the broker drops).
+    /// Publish the outbox of the commit stored as `revision`. Every item
+    /// has a deterministic message id, so publishing again after a crash is
+    /// a duplicate the broker drops. The audit records of one commit travel
+    /// in one message (a JSON array, in chain order): one stored write
+    /// instead of one per record.
     async fn publish_outbox(&self, inst: &Instance, revision: u64) -> Result<(), Error> {
         if inst.outbox.is_empty() && inst.audit_batch.is_none() {
             return Ok(());
