@@ -1177,6 +1177,22 @@ async fn publish_big_order_and_shipment(js: &async_nats::jetstream::Context) {
 /// get the others redelivered to another replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_waiting_their_turn_one_by_one_are_kept_alive() {
+    // The one-by-one path needs both events in one batch, which a busy
+    // machine does not always give (the second of 600 kB can still be on
+    // its way when the first is taken): tried again until it does.
+    for _ in 0..3 {
+        if big_events_waiting_their_turn().await == 2 {
+            return;
+        }
+    }
+    panic!("the two events never came in one batch");
+}
+
+/// One run of [`events_waiting_their_turn_one_by_one_are_kept_alive`]:
+/// each event delivered once whichever way they came; the calls made (2
+/// when both came in one batch: together, then the order alone; 1 when the
+/// shipment came a moment later and waited for the order's lock instead).
+async fn big_events_waiting_their_turn() -> usize {
     let env = env("shipment-to-invoice").await;
     let def = with_steps(
         &env.def,
@@ -1214,9 +1230,6 @@ async fn events_waiting_their_turn_one_by_one_are_kept_alive() {
         2,
         "each event delivered once"
     );
-    // 2: in one batch, together and then the order alone. 1: the shipment
-    // came a moment later (600 kB each) and waited for the order's lock,
-    // behind a call longer than the ack wait just the same.
     let calls = env.erp.requests("/orders");
     assert!(calls == 1 || calls == 2, "{calls} calls");
     let stored = run
@@ -1227,6 +1240,7 @@ async fn events_waiting_their_turn_one_by_one_are_kept_alive() {
         .expect("the order is applied");
     assert_eq!((stored.status, stored.step), (Status::Running, 2));
     run.shutdown().await;
+    calls
 }
 
 /// Every group of messages is a task, and spawning one moves its whole

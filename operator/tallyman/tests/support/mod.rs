@@ -182,27 +182,26 @@ pub async fn publish_events_only(js: &jetstream::Context, n: usize, types: &[&st
     }
 }
 
-/// Count instances by status from the KV bucket.
+/// Count instances by status from the KV bucket: completed, and the rest
+/// (not stored yet included).
 pub async fn statuses(js: &jetstream::Context, n: usize) -> (usize, usize) {
+    let completed = with_status(js, n, "Completed").await;
+    (completed, n - completed)
+}
+
+/// How many of the `n` orders' instances are stored with `status`.
+pub async fn with_status(js: &jetstream::Context, n: usize, status: &str) -> usize {
     let Ok(kv) = js.get_key_value(format!("tallyman_{NS}_{WF}")).await else {
-        return (0, n);
+        return 0;
     };
-    let mut completed = 0;
-    let mut other = 0;
+    let mut found = 0;
     for i in 0..n {
-        match kv.get(format!("ORD-{i}")).await {
-            Ok(Some(bytes)) => {
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-                if v["status"] == "Completed" {
-                    completed += 1;
-                } else {
-                    other += 1;
-                }
-            }
-            _ => other += 1,
+        if let Ok(Some(bytes)) = kv.get(format!("ORD-{i}")).await {
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            found += usize::from(v["status"] == status);
         }
     }
-    (completed, other)
+    found
 }
 
 pub async fn wait_all_completed(js: &jetstream::Context, n: usize, limit: Duration) {
@@ -233,6 +232,11 @@ pub async fn wait_invoices(erp: &SimErp, at_least: usize) {
 }
 
 pub fn assert_one_invoice_per_order(erp: &SimErp, n: usize) {
+    assert_invoiced_once(erp, n, "40.48");
+}
+
+/// Each of the `n` orders invoiced once, each for `net`.
+pub fn assert_invoiced_once(erp: &SimErp, n: usize, net: &str) {
     let invoices = erp.invoices();
     let mut orders: Vec<String> = invoices
         .iter()
@@ -243,6 +247,6 @@ pub fn assert_one_invoice_per_order(erp: &SimErp, n: usize) {
     assert_eq!(orders.len(), n, "every order invoiced");
     assert_eq!(invoices.len(), n, "no order invoiced twice");
     for i in &invoices {
-        assert_eq!(i.field("netAmount"), Some("40.48"));
+        assert_eq!(i.field("netAmount"), Some(net));
     }
 }
