@@ -200,7 +200,6 @@ const COUNTS_FLUSH: Duration = Duration::from_secs(1);
 const COUNTS_PUBLISH: Duration = Duration::from_secs(5);
 const CAS_ATTEMPTS: usize = 32;
 
-/// One instance's events from one batch, applied in one commit.
 /// What of a worker's counts is in the shared counters.
 struct Flushed {
     done: Counts,
@@ -239,6 +238,7 @@ impl Flushed {
     }
 }
 
+/// One instance's events from one batch, applied in one commit.
 struct Group {
     key: String,
     inputs: Vec<Input>,
@@ -462,10 +462,7 @@ impl Worker {
             let msg = match msg {
                 Ok(m) => m,
                 Err(e) => {
-                    warn!(error = %e, "event consumer error");
-                    last_error = e.to_string();
-                    if gone(&self.handles.events).await {
-                        last_error = "the consumer no longer exists".into();
+                    if failed(&self.handles.events, "event", e, &mut last_error).await {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -1721,10 +1718,7 @@ impl Worker {
                 None => break,
                 Some(Ok(msg)) => msg,
                 Some(Err(e)) => {
-                    warn!(error = %e, "timer consumer error");
-                    last_error = e.to_string();
-                    if gone(&self.handles.timers).await {
-                        last_error = "the consumer no longer exists".into();
+                    if failed(&self.handles.timers, "timer", e, &mut last_error).await {
                         break;
                     }
                     continue;
@@ -1980,6 +1974,23 @@ fn message(msg_id: &str, payload: String, headers: Option<HeaderMap>) -> Publish
         }
     }
     publish
+}
+
+/// After an error from the `what` consumer: log it, keep it as the last
+/// error, and whether the consumer is gone (its loop ends).
+async fn failed(
+    consumer: &jetstream::consumer::PullConsumer,
+    what: &str,
+    e: impl std::fmt::Display,
+    last_error: &mut String,
+) -> bool {
+    warn!(error = %e, "{what} consumer error");
+    *last_error = e.to_string();
+    let gone = gone(consumer).await;
+    if gone {
+        *last_error = "the consumer no longer exists".into();
+    }
+    gone
 }
 
 /// Whether `consumer` is gone from the broker (deleted, or its stream):
