@@ -617,14 +617,7 @@ async fn a_workflow_starts_at_the_events_published_since_it_was_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_a_slow_erp_keeps_busy_are_not_redelivered() {
     let env = env("shipment-to-invoice").await;
-    let run = start_tuned(
-        &env.nats.url(),
-        &env.def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.ack_wait = Duration::from_secs(1),
-    )
-    .await;
+    let run = start_acking_within_1s(&env, &env.def).await;
     let js = async_nats::jetstream::new(connect(&env.nats.url()).await);
     seed_order(&env.erp, "SLOWERP", 5, "0.10");
     env.erp.delay("/invoices", Duration::from_millis(2500));
@@ -662,12 +655,7 @@ async fn an_instance_too_large_to_store_is_dead_lettered_not_retried_for_ever() 
     // The events that brought the answer in (both, or the shipment alone
     // when the order was stored before it came) are dead-lettered.
     let stats = run.worker.stats.clone();
-    wait_for(
-        "the events to be dead-lettered",
-        Duration::from_secs(15),
-        || stats.dead_letters.load(Ordering::Relaxed) >= 1,
-    )
-    .await;
+    wait_dead_letter(&stats, "the events to be dead-lettered").await;
     // Once, or twice when both came in one batch: applied together, then
     // the shipment alone (the order alone is stored).
     let calls = env.erp.requests("/orders");
@@ -1139,10 +1127,7 @@ async fn events_too_large_together_are_applied_one_by_one() {
     publish_big_order_and_shipment(&js).await;
     let run = start(&env.nats.url(), &def, &env.secrets, &env.erp.base_url()).await;
     let stats = run.worker.stats.clone();
-    wait_for("a dead letter", Duration::from_secs(15), || {
-        stats.dead_letters.load(Ordering::Relaxed) >= 1
-    })
-    .await;
+    wait_dead_letter(&stats, "a dead letter").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(stats.dead_letters.load(Ordering::Relaxed), 1);
     let stored = run
@@ -1155,6 +1140,26 @@ async fn events_too_large_together_are_applied_one_by_one() {
     assert!(stored.events.contains_key("order.created"));
     assert_eq!(stream_state(&js, NS, "DLQ").await.messages, 1);
     run.shutdown().await;
+}
+
+/// A worker whose messages are redelivered after 1 s unless kept alive.
+async fn start_acking_within_1s(env: &Env, def: &tallyman_core::engine::Definition) -> Running {
+    start_tuned(
+        &env.nats.url(),
+        def,
+        &env.secrets,
+        &env.erp.base_url(),
+        |c| c.ack_wait = Duration::from_secs(1),
+    )
+    .await
+}
+
+/// Wait (up to 20 s) for the worker's first dead letter.
+async fn wait_dead_letter(stats: &tallyman_worker::Stats, what: &str) {
+    wait_for(what, Duration::from_secs(20), || {
+        stats.dead_letters.load(Ordering::Relaxed) >= 1
+    })
+    .await;
 }
 
 /// An order and a shipment for `BIG`, 600 kB each: too large to store
@@ -1208,21 +1213,9 @@ async fn big_events_waiting_their_turn() -> usize {
     // together, then the shipment again while the order is applied alone.
     env.erp.delay("/orders", Duration::from_millis(2500));
     publish_big_order_and_shipment(&js).await;
-    let run = start_tuned(
-        &env.nats.url(),
-        &def,
-        &env.secrets,
-        &env.erp.base_url(),
-        |c| c.ack_wait = Duration::from_secs(1),
-    )
-    .await;
+    let run = start_acking_within_1s(&env, &def).await;
     let stats = run.worker.stats.clone();
-    wait_for(
-        "the shipment's dead letter",
-        Duration::from_secs(20),
-        || stats.dead_letters.load(Ordering::Relaxed) >= 1,
-    )
-    .await;
+    wait_dead_letter(&stats, "the shipment's dead letter").await;
     // A redelivery would arrive within another ack wait.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
